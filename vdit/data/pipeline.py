@@ -1,0 +1,53 @@
+"""Grain pipelines over the physics world: clip i of a split is simulated from its own seed, so
+the data set needs no storage and the iterator state (a position) resumes the exact stream."""
+
+from __future__ import annotations
+
+import grain
+import jax
+import numpy as np
+
+from vdit.config import DataConfig
+from vdit.data.physics import simulate
+from vdit.models.text import WordTokenizer
+
+SPLITS = {"train": 0, "eval": 1}
+
+
+def clip_seed(data_seed: int, split: str, index: int) -> int:
+    """A 63-bit seed for clip `index` of `split`; train and eval clips never share a seed."""
+    state = np.random.SeedSequence([data_seed, SPLITS[split], index]).generate_state(2, np.uint32)
+    return int(state[0]) << 31 | int(state[1] >> 1)
+
+
+def make_example(cfg: DataConfig, tokenizer: WordTokenizer, split: str, index: int) -> dict:
+    """One clip: {"video": uint8 [T, H, W, 3], "tokens": int32 [S], "seed": int64 []}."""
+    seed = clip_seed(cfg.seed, split, index)
+    clip = simulate(cfg.world, seed)
+    return {"video": clip.frames, "tokens": tokenizer.encode(clip.caption),
+            "seed": np.int64(seed)}
+
+
+def train_iterator(cfg: DataConfig, tokenizer: WordTokenizer, global_batch: int, *,
+                   shuffle_seed: int):
+    """An endless, checkpointable iterator of this host's share of each global batch."""
+    hosts, host = jax.process_count(), jax.process_index()
+    if global_batch % hosts:
+        raise ValueError(f"train.batch_size {global_batch} is not divisible by {hosts} hosts")
+    ds = (
+        grain.MapDataset.range(cfg.num_clips)
+        .seed(shuffle_seed)
+        .shuffle()
+        .repeat()
+        .slice(slice(host, None, hosts))  # each host reads a disjoint stride of the stream
+        .map(lambda i: make_example(cfg, tokenizer, "train", int(i)))
+        .batch(global_batch // hosts, drop_remainder=True)
+    )
+    options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(cfg.prefetch, 1))
+    return iter(ds.to_iter_dataset(read_options=options))
+
+
+def fixed_batch(cfg: DataConfig, tokenizer: WordTokenizer, split: str, count: int) -> dict:
+    """The first `count` clips of a split, stacked: used for eval and latent statistics."""
+    examples = [make_example(cfg, tokenizer, split, i) for i in range(count)]
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}

@@ -1,0 +1,110 @@
+"""The text-to-video system: autoencoder + tokenizer + DiT + rectified flow, as pure functions.
+
+Pixels are uint8 [B, T, H, W, 3]; the DiT works on latents normalised per channel with the
+training data's statistics (`stats = {"mean": [C], "std": [C]}`), which travel with the params.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vdit.config import Config
+from vdit.diffusion.flow import noisy, resolve_shift, sample_time, velocity_loss
+from vdit.diffusion.sampler import sample_ode
+from vdit.models.autoencoder import make_autoencoder
+from vdit.models.dit import DiT
+from vdit.models.text import BOS, PAD, physics_tokenizer
+
+Stats = dict[str, jax.Array]
+
+
+def to_float(video: jax.Array) -> jax.Array:
+    """uint8 [..., 3] -> float32 in [-1, 1]."""
+    return video.astype(jnp.float32) / 127.5 - 1.0
+
+
+def to_uint8(video: jax.Array) -> jax.Array:
+    """float in [-1, 1] -> uint8, clipped."""
+    return jnp.clip(jnp.round((video + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+
+class TextToVideo:
+    """Holds the static parts (modules, shapes); every method is a pure function of its inputs."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.autoencoder = make_autoencoder(cfg.autoencoder)
+        self.tokenizer = physics_tokenizer(cfg.text.max_length)
+        self.latent_shape = cfg.latent_shape()
+        self.dit = DiT(cfg.model, cfg.text, self.tokenizer.vocab_size, self.latent_shape)
+        self.shift = resolve_shift(cfg.diffusion, cfg.num_tokens())
+
+    # --- shapes and parameters -----------------------------------------------------------
+    def dummy_inputs(self, batch: int = 1):
+        latent = jnp.zeros((batch, *self.latent_shape), jnp.float32)
+        tokens = jnp.zeros((batch, self.cfg.text.max_length), jnp.int32).at[:, 0].set(BOS)
+        return latent, jnp.zeros((batch,), jnp.float32), tokens
+
+    def init(self, key: jax.Array):
+        """Boxed (logically partitioned) variables of the DiT."""
+        return self.dit.init(key, *self.dummy_inputs())
+
+    # --- latents ---------------------------------------------------------------------------
+    def latent_stats(self, videos: np.ndarray) -> Stats:
+        """Per-channel mean and std of the latents of uint8 videos [B, T, H, W, 3]."""
+        lat = self.autoencoder.encode(to_float(jnp.asarray(videos)))
+        axes = tuple(range(lat.ndim - 1))
+        return {"mean": lat.mean(axes), "std": jnp.maximum(lat.std(axes), 1e-3)}
+
+    def encode(self, video: jax.Array, stats: Stats) -> jax.Array:
+        """uint8 [B, T, H, W, 3] -> normalised latent [B, T', H', W', C]."""
+        return (self.autoencoder.encode(to_float(video)) - stats["mean"]) / stats["std"]
+
+    def decode(self, latent: jax.Array, stats: Stats) -> jax.Array:
+        """Normalised latent -> uint8 video [B, T, H, W, 3]."""
+        return to_uint8(self.autoencoder.decode(latent * stats["std"] + stats["mean"]))
+
+    # --- training objective ----------------------------------------------------------------
+    def drop_captions(self, tokens: jax.Array, key: jax.Array) -> jax.Array:
+        """Replace each caption by the empty one with probability caption_dropout."""
+        drop = jax.random.bernoulli(key, self.cfg.diffusion.caption_dropout, (tokens.shape[0],))
+        empty = jnp.full_like(tokens, PAD).at[:, 0].set(BOS)
+        return jnp.where(drop[:, None], empty, tokens)
+
+    def loss(self, params, batch: dict, stats: Stats, key: jax.Array) -> jax.Array:
+        """Training loss on batch {"video": uint8 [B, T, H, W, 3], "tokens": int32 [B, S]}."""
+        k_drop, k_t, k_noise = jax.random.split(key, 3)
+        x0 = self.encode(batch["video"], stats)
+        tokens = self.drop_captions(batch["tokens"], k_drop)
+        t = sample_time(k_t, x0.shape[0], self.cfg.diffusion, self.shift)
+        noise = jax.random.normal(k_noise, x0.shape)
+        v = self.dit.apply({"params": params}, noisy(x0, noise, t), t, tokens)
+        return velocity_loss(v, x0, noise).mean()
+
+    def eval_losses(self, params, batch: dict, stats: Stats, key: jax.Array) -> jax.Array:
+        """Loss at each fixed eval timestep with fixed noise (no caption dropout): [num_t]."""
+        x0 = self.encode(batch["video"], stats)
+        noise = jax.random.normal(key, x0.shape)
+
+        def at(t_scalar):
+            t = jnp.full((x0.shape[0],), t_scalar)
+            v = self.dit.apply({"params": params}, noisy(x0, noise, t), t, batch["tokens"])
+            return velocity_loss(v, x0, noise).mean()
+
+        return jax.lax.map(at, jnp.asarray(self.cfg.diffusion.eval_timesteps))
+
+    # --- generation ------------------------------------------------------------------------
+    def generate(self, params, tokens: jax.Array, stats: Stats, key: jax.Array, *, steps: int,
+                 guidance: float, method: str) -> jax.Array:
+        """Captions int32 [B, S] -> uint8 videos [B, T, H, W, 3]; deterministic for `key`."""
+        empty = jnp.full_like(tokens, PAD).at[:, 0].set(BOS)
+
+        def velocity(x, t, cond):
+            return self.dit.apply({"params": params}, x, t, tokens if cond else empty)
+
+        noise = jax.random.normal(key, (tokens.shape[0], *self.latent_shape))
+        latent = sample_ode(velocity, noise, steps=steps, guidance=guidance, shift=self.shift,
+                            method=method)
+        return self.decode(latent, stats)

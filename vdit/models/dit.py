@@ -1,0 +1,123 @@
+"""Diffusion Transformer over spacetime patches (Peebles & Xie 2023, with Sora-style video tokens).
+
+latent [B, T, H, W, C] -> patches -> width-D tokens with 3D RoPE -> L blocks of
+(adaLN-Zero self-attention, cross-attention to text, adaLN-Zero MLP) -> velocity [B, T, H, W, C].
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vdit.config import ModelConfig, TextConfig
+from vdit.models.layers import Attention, Dtype, Linear, Mlp, norm
+from vdit.models.patch import grid_positions, patchify, token_grid, unpatchify
+from vdit.models.rope import rope_angles
+from vdit.models.text import TextEncoder
+
+_REMAT_POLICIES = {
+    "full": None,  # recompute everything in the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal features of t in [0, 1] (scaled by 1000 as in DiT): [B] -> [B, dim]."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = 1000.0 * t.astype(jnp.float32)[:, None] * freqs[None]
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    return x * (1 + scale) + shift
+
+
+class DiTBlock(nn.Module):
+    """One block; the identity at initialisation (zero gates, zero cross-attention output).
+
+    x [B, N, D], cond [B, D], text [B, S, E], text_mask [B, S], rope [N, D_head/2] -> [B, N, D].
+    """
+
+    heads: int
+    mlp_hidden: int
+    dtype: Dtype = jnp.float32
+    impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x, cond, text, text_mask, rope):
+        d = x.shape[-1]
+        mod = Linear((6 * d,), ("embed", "mlp"), dtype=self.dtype, zero=True, name="adaln")(
+            nn.silu(cond))
+        shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod[:, None, :], 6, axis=-1)
+        h = modulate(norm(self.dtype)(x), shift1, scale1)
+        x = x + gate1 * Attention(self.heads, self.dtype, self.impl, name="self_attn")(
+            h, rope=rope)
+        x = x + Attention(self.heads, self.dtype, self.impl, zero_out=True, name="cross_attn")(
+            norm(self.dtype)(x), context=text, kv_mask=text_mask)
+        h = modulate(norm(self.dtype)(x), shift2, scale2)
+        x = x + gate2 * Mlp(self.mlp_hidden, self.dtype, name="mlp")(h)
+        x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
+        return x, None
+
+
+class DiT(nn.Module):
+    """Predicts the flow velocity of a noisy latent.
+
+    Call: latent [B, T, H, W, C] float, t [B] in [0, 1], text: int32 tokens [B, S] (jointly
+    trained encoder) or float embeddings [B, S, E] with text_mask [B, S] (precomputed).
+    Returns float32 [B, T, H, W, C].
+    """
+
+    cfg: ModelConfig
+    text_cfg: TextConfig
+    vocab_size: int
+    latent_shape: tuple[int, int, int, int]
+
+    @nn.compact
+    def __call__(self, latent, t, text, text_mask=None):
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
+        d, grid = cfg.width, token_grid(self.latent_shape, cfg.patch)
+        tokens = patchify(latent.astype(dtype), cfg.patch)
+        x = Linear((d,), ("patch_in", "embed"), dtype=dtype, name="patch_embed")(tokens)
+        x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
+
+        cond = timestep_embedding(t, 256)
+        for i in range(2):
+            cond = Linear((d,), (None, "embed"), dtype=dtype, name=f"t_embed{i}")(cond)
+            cond = nn.silu(cond) if i == 0 else cond
+
+        if self.text_cfg.encoder == "transformer":
+            text, text_mask = TextEncoder(self.text_cfg, self.vocab_size, dtype, name="text")(text)
+        text = text.astype(dtype)
+
+        rope = jnp.asarray(rope_angles(grid_positions(grid), d // cfg.heads, cfg.rope_theta))
+        block = DiTBlock
+        if cfg.remat != "none":
+            block = nn.remat(block, policy=_REMAT_POLICIES[cfg.remat],
+                             prevent_cse=not cfg.scan_layers)
+        kwargs = dict(heads=cfg.heads, mlp_hidden=int(d * cfg.mlp_ratio), dtype=dtype,
+                      impl=cfg.attention)
+        if cfg.scan_layers:
+            stack = nn.scan(
+                block, variable_axes={"params": 0}, split_rngs={"params": True},
+                in_axes=(nn.broadcast,) * 4, length=cfg.depth,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x, _ = stack(**kwargs, name="blocks")(x, cond, text, text_mask, rope)
+        else:
+            for i in range(cfg.depth):
+                x, _ = block(**kwargs, name=f"block{i}")(x, cond, text, text_mask, rope)
+
+        shift, scale = jnp.split(
+            Linear((2 * d,), ("embed", "mlp"), dtype=dtype, zero=True, name="final_adaln")(
+                nn.silu(cond))[:, None],
+            2, axis=-1)
+        x = modulate(norm(dtype)(x), shift, scale)
+        out = Linear((tokens.shape[-1],), ("embed", "patch_in"), dtype=dtype, zero=True,
+                     name="final")(x)
+        return unpatchify(out, grid, cfg.patch).astype(jnp.float32)

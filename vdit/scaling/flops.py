@@ -1,0 +1,65 @@
+"""Exact matmul FLOPs of the text-to-video DiT, from its config.
+
+XLA's cost analysis counts a scanned layer stack once, not `depth` times, so MFU needs an
+analytic count. Only matmuls are counted (2 FLOPs per multiply-add); norms, softmax and
+elementwise work are a few percent at most. Training = 3 x forward (backward = 2 x forward).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vdit.config import Config
+
+TIME_FREQ_DIM = 256  # sinusoidal timestep features, see models/dit.py
+
+
+@dataclass(frozen=True)
+class FlopBreakdown:
+    """Forward FLOPs of one sample, by term."""
+
+    per_token_linear: float  # 2 * N * P_tok: patch embed, QKV/out, cross-attn Q/out, MLP, final
+    self_attention: float  # 4 * N^2 * d * L
+    cross_attention: float  # 4 * N * S * d * L, plus text K/V projections
+    per_sample: float  # adaLN and timestep MLP: once per sample, not per token
+    text_encoder: float
+
+    @property
+    def forward(self) -> float:
+        return (self.per_token_linear + self.self_attention + self.cross_attention
+                + self.per_sample + self.text_encoder)
+
+
+def per_token_params(cfg: Config) -> int:
+    """Weights applied to every video token (the P_tok of 2 * N * P_tok)."""
+    d, m, p = cfg.model.width, int(cfg.model.width * cfg.model.mlp_ratio), cfg.latent_shape()[3]
+    p_in = p * cfg.model.patch[0] * cfg.model.patch[1] * cfg.model.patch[2]
+    block = 3 * d * d + d * d + 2 * d * d + 2 * d * m  # qkv, out, cross q/out, mlp
+    return p_in * d + cfg.model.depth * block + d * p_in
+
+
+def forward_breakdown(cfg: Config) -> FlopBreakdown:
+    n, d, depth = cfg.num_tokens(), cfg.model.width, cfg.model.depth
+    s, e = cfg.text.max_length, cfg.text.width
+    text = 0.0
+    if cfg.text.encoder == "transformer":
+        # Per text block: qkv + out (4 E^2), MLP (8 E^2) per token; QK and AV (4 S E) per token.
+        text = cfg.text.depth * s * (2 * 12 * e * e + 4 * s * e)
+    return FlopBreakdown(
+        per_token_linear=2.0 * n * per_token_params(cfg),
+        self_attention=4.0 * n * n * d * depth,
+        cross_attention=depth * (4.0 * n * s * d + 2.0 * s * e * 2 * d),
+        per_sample=2.0 * (depth * d * 6 * d + d * 2 * d + TIME_FREQ_DIM * d + d * d),
+        text_encoder=text,
+    )
+
+
+def train_flops_per_step(cfg: Config, batch_size: int | None = None) -> float:
+    """FLOPs of one training step over the global batch (3 x forward)."""
+    batch = cfg.train.batch_size if batch_size is None else batch_size
+    return 3.0 * batch * forward_breakdown(cfg).forward
+
+
+def tokens_per_step(cfg: Config) -> int:
+    """Latent tokens processed per step (the D of scaling laws counts these)."""
+    return cfg.train.batch_size * cfg.num_tokens()

@@ -1,0 +1,83 @@
+"""TrainState: everything a run needs to continue, as one pytree; and the optimizer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from vdit.config import TrainConfig
+from vdit.diffusion.text_to_video import Stats, TextToVideo
+from vdit.parallel.rules import Rules
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 []
+    params: Any
+    ema_params: Any
+    opt_state: Any
+    rng: jax.Array  # uint32 raw key data; the step's key is fold_in(rng, step)
+    stats: Stats  # per-channel latent mean / std, float32 [C]
+
+
+def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
+    """Linear warm-up to `lr`, then cosine decay to lr * min_lr_ratio at the last step."""
+    warmup = min(cfg.warmup_steps, cfg.steps - 1)
+    return optax.warmup_cosine_decay_schedule(
+        0.0, cfg.lr, warmup_steps=max(warmup, 1), decay_steps=max(cfg.steps, warmup + 1),
+        end_value=cfg.lr * cfg.min_lr_ratio,
+    )
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """Global-norm clipping + AdamW; weight decay on matrices only (not biases, norms)."""
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip),
+        optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
+                    mask=decay_mask),
+    )
+
+
+def param_shardings(system: TextToVideo, mesh: Mesh, rules: Rules):
+    """NamedShardings of the (unboxed) params from their logical axis names."""
+    boxed = jax.eval_shape(system.init, jax.random.key(0))
+    specs = nn.get_partition_spec(boxed)["params"]
+    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def create_state(system: TextToVideo, tx: optax.GradientTransformation, seed: int, stats: Stats,
+                 mesh: Mesh, rules: Rules) -> TrainState:
+    """A fresh TrainState, created sharded: params follow the logical-axis table."""
+    p_shard = param_shardings(system, mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def init(key):
+        params = nn.unbox(system.init(key))["params"]
+        params = jax.lax.with_sharding_constraint(params, p_shard)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+            opt_state=tx.init(params), rng=jax.random.key_data(jax.random.fold_in(key, 1)),
+            stats=stats,
+        )
+
+    abstract = jax.eval_shape(init, jax.random.key(seed))
+    shardings = jax.tree.map(lambda _: replicated, abstract)
+    shardings = shardings.replace(params=p_shard, ema_params=p_shard)
+    # Optimizer moments mirror the params; let propagation place them, then read back.
+    state = jax.jit(init, out_shardings=shardings.replace(opt_state=None))(jax.random.key(seed))
+    return state
+
+
+def state_shardings(state: TrainState):
+    return jax.tree.map(lambda x: x.sharding, state)
+
+
+def count_params(params) -> int:
+    return sum(x.size for x in jax.tree.leaves(params))
