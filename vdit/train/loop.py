@@ -120,6 +120,7 @@ def train(cfg: Config, *, log=print) -> dict:
             # Read the previous step's metrics: the device is busy with this one meanwhile.
             if pending is not None:
                 p_step, p_metrics = pending
+                jax.block_until_ready(p_metrics)  # keep at most one step in flight
                 if p_step % tc.log_every == 0 or p_step == start + 1:
                     values = {k: float(v) for k, v in jax.device_get(p_metrics).items()}
                     now = time.perf_counter()

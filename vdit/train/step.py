@@ -26,7 +26,7 @@ def train_step(state: TrainState, batch: dict, *, system: TextToVideo,
     step = state.step.astype(jnp.float32)
     decay = jnp.minimum(cfg.ema_decay, (1.0 + step) / (10.0 + step))
     ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, params)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                "lr": lr_schedule(cfg)(state.step)}
     new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,
                               opt_state=opt_state)

@@ -1,0 +1,43 @@
+"""Shared fixtures: a tiny config that compiles in seconds on a 2-core CPU."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import pytest
+
+from vdit.config import Config, from_dict
+
+# Reuse compiled programs across test runs (and across the processes the CLI tests start).
+CACHE = os.environ.setdefault(
+    "VDIT_COMPILATION_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "jax")
+)
+jax.config.update("jax_compilation_cache_dir", CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+TINY = {
+    "model": {"width": 32, "depth": 2, "heads": 2, "patch": [1, 2, 2]},
+    "text": {"width": 16, "depth": 1, "heads": 2, "max_length": 12},
+    "data": {"world": {"frames": 4, "height": 16, "width": 16}, "num_eval_clips": 4,
+             "stats_clips": 8, "prefetch": 1},
+    "diffusion": {"eval_timesteps": [0.25, 0.75]},
+    "sample": {"steps": 3, "num_per_prompt": 1, "prompts": ["a red ball falls"]},
+    "train": {"steps": 4, "batch_size": 4, "warmup_steps": 1, "log_every": 1, "eval_every": 2,
+              "checkpoint_every": 2, "async_checkpoint": False, "tensorboard": False,
+              "sample_at_end": False},
+}
+
+
+def tiny_dict(run_dir: str | Path = "runs/test") -> dict:
+    import copy
+
+    d = copy.deepcopy(TINY)
+    d["train"]["run_dir"] = str(run_dir)
+    return d
+
+
+@pytest.fixture
+def tiny_config(tmp_path) -> Config:
+    return from_dict(tiny_dict(tmp_path / "run"))
