@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from conftest import tiny_dict
 
-from vdit.config import from_dict
+from vdit.config import ConfigError, TextConfig, from_dict
 from vdit.diffusion.text_to_video import TextToVideo
 from vdit.models.autoencoder import SpaceToDepth
-from vdit.models.dit import DiTBlock
+from vdit.models.dit import DiT, DiTBlock
 from vdit.models.patch import grid_positions, patchify, unpatchify
 from vdit.models.rope import apply_rope, rope_angles, split_head_dim
 from vdit.models.text import BOS, PAD, physics_tokenizer
@@ -101,15 +101,20 @@ def test_dit_shapes_zero_output_at_init_and_param_count(tmp_path, scan):
 
 
 def test_precomputed_text_embeddings_are_accepted(tmp_path):
-    d = tiny_dict(tmp_path)
-    d["text"]["encoder"] = "precomputed"
-    system = TextToVideo(from_dict(d))
-    latent, t, _ = system.dummy_inputs(2)
+    cfg = from_dict(tiny_dict(tmp_path))
+    dit = DiT(cfg.model, TextConfig(encoder="precomputed"), 10, cfg.latent_shape())
+    latent = jnp.zeros((2, *cfg.latent_shape()))
+    t = jnp.full((2,), 0.5)
     emb = jax.random.normal(jax.random.key(0), (2, 7, 24))
     mask = jnp.ones((2, 7), bool)
-    variables = system.dit.init(jax.random.key(0), latent, t, emb, mask)
+    variables = dit.init(jax.random.key(0), latent, t, emb, mask)
     assert "text" not in variables["params"]
-    assert system.dit.apply(variables, latent, t, emb, mask).shape == latent.shape
+    assert dit.apply(variables, latent, t, emb, mask).shape == latent.shape
+    # The physics world supplies tokens, not embeddings: refused before anything compiles.
+    d = tiny_dict(tmp_path)
+    d["text"]["encoder"] = "precomputed"
+    with pytest.raises(ConfigError, match=r"text\.encoder"):
+        from_dict(d)
 
 
 def test_tokenizer_bos_pad_and_unknown_words():

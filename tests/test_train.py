@@ -1,37 +1,32 @@
 from functools import partial
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
 from vdit.data.pipeline import clip_seed, fixed_batch, train_iterator
 from vdit.diffusion.text_to_video import TextToVideo
-from vdit.parallel.mesh import make_mesh
-from vdit.parallel.rules import get_rules
 from vdit.train.checkpoint import Checkpointer
-from vdit.train.state import create_state, make_optimizer
+from vdit.train.state import create_state
 from vdit.train.step import train_step
+from vdit.train.trainer import build_trainer
 
 
 def _setup(cfg):
-    mesh, rules = make_mesh(cfg.mesh), get_rules(cfg.mesh.rules)
-    system = TextToVideo(cfg)
-    tx = make_optimizer(cfg.train)
-    host = fixed_batch(cfg.data, system.tokenizer, "train", cfg.train.batch_size)
-    batch = {k: v for k, v in host.items() if k != "seed"}
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        stats = system.latent_stats(host["video"])
-        state = create_state(system, tx, cfg.train.seed, stats, mesh, rules)
-    step = jax.jit(partial(train_step, system=system, tx=tx, cfg=cfg.train))
-    return system, tx, state, batch, step, (mesh, rules)
+    trainer = build_trainer(cfg)
+    host = fixed_batch(cfg.data, trainer.system.tokenizer, "train", cfg.train.batch_size)
+    batch = trainer.device_batch(host)
+    # Not donated, so tests can keep using old states.
+    step = jax.jit(partial(train_step, system=trainer.system, tx=trainer.tx, cfg=cfg.train))
+    return trainer, batch, step
 
 
 def test_loss_falls_when_overfitting_one_batch(tiny_config):
     cfg = tiny_config
     cfg = cfg.__class__(**{**cfg.__dict__, "train": cfg.train.__class__(
         **{**cfg.train.__dict__, "steps": 60, "lr": 3e-3, "warmup_steps": 5})})
-    system, _, state, batch, step, _ = _setup(cfg)
+    trainer, batch, step = _setup(cfg)
+    system, state = trainer.system, trainer.state
     probe = jax.jit(lambda p, k: system.loss(p, batch, state.stats, k))
     keys = [jax.random.key(i) for i in range(4)]
     before = np.mean([float(probe(state.params, k)) for k in keys])
@@ -43,14 +38,16 @@ def test_loss_falls_when_overfitting_one_batch(tiny_config):
 
 
 def test_checkpoint_restore_gives_identical_state_and_next_loss(tiny_config, tmp_path):
-    system, tx, state, batch, step, (mesh, rules) = _setup(tiny_config)
+    trainer, batch, step = _setup(tiny_config)
+    state = trainer.state
     for _ in range(2):
         state, _ = step(state, batch)
     ckpt = Checkpointer(tmp_path / "ckpt", keep=2, async_save=False)
     ckpt.save(2, state, {"data_iterator": {"next_index": 7}})
     ckpt.wait()
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        fresh = create_state(system, tx, seed=123, stats=state.stats, mesh=mesh, rules=rules)
+    with trainer.context():
+        fresh = create_state(trainer.system, trainer.tx, seed=123, stats=state.stats,
+                             mesh=trainer.mesh, rules=trainer.rules)
     restored, meta = Checkpointer(tmp_path / "ckpt", async_save=False).restore(fresh)
     assert meta["data_iterator"] == {"next_index": 7}
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
@@ -88,7 +85,8 @@ def test_eval_clips_are_disjoint_from_training_clips():
 def test_generation_is_deterministic_for_a_seed(tiny_config, guidance):
     from vdit.sample.generate import generate
 
-    system, _, state, _, _, _ = _setup(tiny_config)
+    trainer, _, _ = _setup(tiny_config)
+    system, state = trainer.system, trainer.state
     sample_cfg = tiny_config.sample.__class__(steps=2, guidance=guidance)
     run = partial(generate, system, state.params, state.stats, ["a red ball falls"], num=2,
                   cfg=sample_cfg)

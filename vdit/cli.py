@@ -18,18 +18,32 @@ def _setup_jax() -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def _load(config: str | None, overrides: list[str]):
     from vdit.config import load_config
-    from vdit.train.loop import train
 
-    overrides = list(args.overrides)
-    config = args.config
+    overrides = list(overrides)
     # `vdit train model.depth=6` (no file): overrides on the embedded default.
     if config is not None and "=" in config and not Path(config).exists():
         overrides.insert(0, config)
         config = None
-    cfg = load_config(config, overrides)
-    train(cfg)
+    return load_config(config, overrides)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from vdit.train.loop import train
+
+    train(_load(args.config, args.overrides))
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from vdit.train.bench import bench, format_report
+
+    cfg = _load(args.config, args.overrides)
+    result = bench(cfg, steps=args.steps, warmup=args.warmup)
+    print(json.dumps(result) if args.json else format_report(result))
     return 0
 
 
@@ -57,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="YAML config (default: experiments/default.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("bench", help="compile and time the train step: tokens/s, MFU, memory")
+    p.add_argument("config", nargs="?", default=None)
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("sample", help="generate videos from prompts with a trained run")
     p.add_argument("run_dir")

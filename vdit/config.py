@@ -220,6 +220,11 @@ class Config:
             problems += [f"{f.name}.{p}" for p in getattr(self, f.name).validate()]
         if problems:
             return problems
+        if self.text.encoder == "precomputed" and self.data.source == "physics":
+            problems.append(
+                "text.encoder: 'precomputed' needs a data source that supplies text embeddings; "
+                "data.source 'physics' supplies caption tokens (use 'transformer')"
+            )
         # Cross-section checks: the video must cut evenly into latents, the latents into patches.
         w, ae, p = self.data.world, self.autoencoder.factors, self.model.patch
         for axis, size, f, pp in zip("thw", (w.frames, w.height, w.width), ae, p, strict=True):

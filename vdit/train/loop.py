@@ -7,37 +7,21 @@ the host never waits on the device) -> periodic eval, orbax checkpoints -> sampl
 from __future__ import annotations
 
 import time
-from functools import partial
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import numpy as np
 from tqdm import tqdm
 
 from vdit.config import Config, to_dict
 from vdit.data.pipeline import fixed_batch, train_iterator
-from vdit.diffusion.text_to_video import TextToVideo
-from vdit.parallel.mesh import batch_sharding, make_mesh
-from vdit.parallel.rules import get_rules
 from vdit.scaling.flops import train_flops_per_step
 from vdit.train.checkpoint import Checkpointer
 from vdit.train.metrics import MetricsWriter, plot_losses, read_metrics
 from vdit.train.run_dir import check_resume_compatible, save_config
-from vdit.train.state import (
-    TrainState,
-    count_params,
-    create_state,
-    make_optimizer,
-    state_shardings,
-)
-from vdit.train.step import eval_step, train_step
+from vdit.train.state import TrainState, count_params
 from vdit.train.throughput import device_peak
-
-
-def _to_global(batch: dict, sharding) -> dict:
-    """Host-local numpy batch -> global jax.Arrays sharded over the batch axes."""
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+from vdit.train.trainer import build_trainer
 
 
 def _evaluate(eval_fn, state: TrainState, eval_batch: dict, key) -> dict:
@@ -47,6 +31,17 @@ def _evaluate(eval_fn, state: TrainState, eval_batch: dict, key) -> dict:
             "eval_loss_by_t": raw.round(5).tolist()}
 
 
+def _summarise(records: list[dict], run_dir: Path, log) -> dict:
+    evals = [r for r in records if "eval_loss" in r]
+    summary: dict = {"run_dir": str(run_dir)}
+    if evals:
+        start, end = evals[0]["eval_loss"], evals[-1]["eval_loss"]
+        summary.update(eval_loss_start=start, eval_loss_end=end, eval_loss_ratio=end / start)
+        log(f"eval loss: step {evals[0]['step']} = {start:.4f}, step {evals[-1]['step']} = "
+            f"{end:.4f} ({100 * end / start:.1f} % of the start)")
+    return summary
+
+
 def train(cfg: Config, *, log=print) -> dict:
     """Train (resuming from the run's latest checkpoint if there is one); returns a summary."""
     tc = cfg.train
@@ -54,40 +49,27 @@ def train(cfg: Config, *, log=print) -> dict:
     check_resume_compatible(run_dir, cfg)
     save_config(run_dir, cfg)
 
-    mesh, rules = make_mesh(cfg.mesh), get_rules(cfg.mesh.rules)
-    system = TextToVideo(cfg)
-    tx = make_optimizer(tc)
-    tokenizer = system.tokenizer
+    trainer = build_trainer(cfg)
+    state, tokenizer = trainer.state, trainer.system.tokenizer
     data_iter = train_iterator(cfg.data, tokenizer, tc.batch_size, shuffle_seed=tc.seed)
-    eval_host = fixed_batch(cfg.data, tokenizer, "eval", cfg.data.num_eval_clips)
+    eval_batch = trainer.device_batch(
+        fixed_batch(cfg.data, tokenizer, "eval", cfg.data.num_eval_clips))
     eval_key = jax.random.key(tc.seed + 1)
     writer = MetricsWriter(run_dir, tc.tensorboard)
     ckpt = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints,
                         async_save=tc.async_checkpoint)
 
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        stats_batch = fixed_batch(cfg.data, tokenizer, "train", cfg.data.stats_clips)
-        stats = system.latent_stats(stats_batch["video"])
-        state = create_state(system, tx, tc.seed, stats, mesh, rules)
+    with trainer.context():
         start = 0
         if ckpt.latest_step() is not None:
             state, meta = ckpt.restore(state)
             data_iter.set_state(meta["data_iterator"])
             start = int(state.step)
             log(f"resumed {run_dir} at step {start}")
-        shardings = state_shardings(state)
-        b_shard = batch_sharding(mesh)
-        eval_batch = _to_global({k: v for k, v in eval_host.items() if k != "seed"}, b_shard)
 
-        step_fn = jax.jit(partial(train_step, system=system, tx=tx, cfg=tc),
-                          in_shardings=(shardings, b_shard), out_shardings=(shardings, None),
-                          donate_argnums=0)
-        eval_fn = jax.jit(partial(eval_step, system=system))
-
-        first = next(data_iter)
-        batch = _to_global({k: v for k, v in first.items() if k != "seed"}, b_shard)
+        batch = trainer.device_batch(next(data_iter))
         t0 = time.perf_counter()
-        compiled = step_fn.lower(state, batch).compile()
+        compiled = trainer.step_fn.lower(state, batch).compile()
         compile_s = time.perf_counter() - t0
         # Analytic count: XLA's cost analysis counts a scanned layer stack only once.
         flops = train_flops_per_step(cfg)
@@ -96,12 +78,12 @@ def train(cfg: Config, *, log=print) -> dict:
         tokens_per_step = tc.batch_size * cfg.num_tokens()
         log(f"model: {count_params(state.params) / 1e6:.2f} M params, "
             f"{cfg.num_tokens()} tokens/clip, latent {cfg.latent_shape()}, "
-            f"time shift {system.shift:.2f}")
-        log(f"train step: compiled in {compile_s:.1f} s, {flops / 1e9:.1f} GFLOP/step/device; "
-            f"peak {peak / 1e9:.0f} GFLOP/s ({peak_src})")
+            f"time shift {trainer.system.shift:.2f}")
+        log(f"train step: compiled in {compile_s:.1f} s, {flops / 1e9:.1f} GFLOP/step; peak "
+            f"{peak / 1e9:.0f} GFLOP/s on {jax.device_count()} device(s) ({peak_src})")
 
         if start == 0:
-            ev = _evaluate(eval_fn, state, eval_batch, eval_key)
+            ev = _evaluate(trainer.eval_fn, state, eval_batch, eval_key)
             writer.write(0, ev)
             log(f"step 0: eval loss {ev['eval_loss']:.4f}")
 
@@ -113,8 +95,7 @@ def train(cfg: Config, *, log=print) -> dict:
         pending, window_t, window_steps = None, time.perf_counter(), 0
         for step in range(start, tc.steps):
             if step > start:
-                host = next(data_iter)
-                batch = _to_global({k: v for k, v in host.items() if k != "seed"}, b_shard)
+                batch = trainer.device_batch(next(data_iter))
             state, metrics = compiled(state, batch)
             done = step + 1
             # Read the previous step's metrics: the device is busy with this one meanwhile.
@@ -122,10 +103,10 @@ def train(cfg: Config, *, log=print) -> dict:
                 p_step, p_metrics = pending
                 jax.block_until_ready(p_metrics)  # keep at most one step in flight
                 if p_step % tc.log_every == 0 or p_step == start + 1:
-                    values = {k: float(v) for k, v in jax.device_get(p_metrics).items()}
                     now = time.perf_counter()
                     sec = (now - window_t) / max(window_steps, 1)
                     window_t, window_steps = now, 0
+                    values = {k: float(v) for k, v in jax.device_get(p_metrics).items()}
                     values.update(step_time_s=sec, tokens_per_s=tokens_per_step / sec,
                                   flops_per_s=flops / sec, mfu=flops / sec / peak)
                     writer.write(p_step, values)
@@ -137,10 +118,11 @@ def train(cfg: Config, *, log=print) -> dict:
             window_steps += 1
             pbar.update(1)
             if done % tc.eval_every == 0 or done == tc.steps:
-                ev = _evaluate(eval_fn, state, eval_batch, eval_key)
+                ev = _evaluate(trainer.eval_fn, state, eval_batch, eval_key)
                 writer.write(done, ev)
                 pbar.write(f"step {done}: eval loss {ev['eval_loss']:.4f} "
                            f"(EMA {ev['eval_loss_ema']:.4f})")
+                window_t, window_steps = time.perf_counter(), 0  # keep eval out of step time
             if done % tc.checkpoint_every == 0 or done == tc.steps:
                 ckpt.save(done, state, meta())
         pbar.close()
@@ -151,20 +133,13 @@ def train(cfg: Config, *, log=print) -> dict:
 
         records = read_metrics(writer.path)
         plot_losses(records, run_dir / "loss.png")
-        evals = [r for r in records if "eval_loss" in r]
-        summary = {"run_dir": str(run_dir), "steps": tc.steps, "compile_s": compile_s,
-                   "eval_loss_start": evals[0]["eval_loss"] if evals else None,
-                   "eval_loss_end": evals[-1]["eval_loss"] if evals else None}
-        if evals:
-            ratio = summary["eval_loss_end"] / summary["eval_loss_start"]
-            summary["eval_loss_ratio"] = ratio
-            log(f"eval loss: step {evals[0]['step']} = {summary['eval_loss_start']:.4f}, "
-                f"step {evals[-1]['step']} = {summary['eval_loss_end']:.4f} "
-                f"({100 * ratio:.1f} % of the start)")
+        summary = _summarise(records, run_dir, log)
+        summary["compile_s"] = compile_s
         if tc.sample_at_end:
             from vdit.sample.generate import sample_run
 
-            paths = sample_run(cfg, system, state.ema_params, state.stats, run_dir / "samples")
+            paths = sample_run(cfg, trainer.system, state.ema_params, state.stats,
+                               run_dir / "samples")
             log(f"samples: {len(paths)} files in {run_dir / 'samples'}")
             summary["samples"] = [str(p) for p in paths]
     return summary

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import flax.linen as nn
-import jax
-
 from vdit import config as config_lib
 from vdit.config import Config, ConfigError
 from vdit.diffusion.text_to_video import TextToVideo
-from vdit.parallel.mesh import make_mesh
-from vdit.parallel.rules import get_rules
 from vdit.train.checkpoint import Checkpointer
-from vdit.train.state import TrainState, create_state, make_optimizer
+from vdit.train.state import TrainState
+from vdit.train.trainer import build_trainer
 
 # Keys that may change when a run is resumed; anything else would silently change the experiment.
 RESUMABLE_KEYS = (
@@ -55,18 +51,8 @@ def load_run(
     ckpt = Checkpointer(run_dir / "checkpoints", async_save=False)
     if ckpt.latest_step() is None:
         raise FileNotFoundError(f"{run_dir} has no checkpoint yet")
-    system = TextToVideo(cfg)
-    mesh = make_mesh(cfg.mesh)
-    rules = get_rules(cfg.mesh.rules)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        stats = system.latent_stats(jax.numpy.zeros((1, *_video_shape(cfg)), "uint8"))
-        target = create_state(system, make_optimizer(cfg.train), cfg.train.seed, stats, mesh,
-                              rules)
-        state, _ = ckpt.restore(target, step)
+    trainer = build_trainer(cfg)
+    with trainer.context():
+        state, _ = ckpt.restore(trainer.state, step)
     ckpt.close()
-    return cfg, system, state
-
-
-def _video_shape(cfg: Config) -> tuple[int, int, int, int]:
-    w = cfg.data.world
-    return (w.frames, w.height, w.width, 3)
+    return cfg, trainer.system, state

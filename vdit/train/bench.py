@@ -1,0 +1,86 @@
+"""`vdit bench`: compile and time the train step; report tokens/s, FLOPs, MFU and memory."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+
+from vdit.config import Config
+from vdit.data.pipeline import fixed_batch
+from vdit.scaling.flops import train_flops_per_step
+from vdit.train.state import count_params
+from vdit.train.throughput import compiled_flops, device_peak
+from vdit.train.trainer import build_trainer
+
+
+def _peak_memory(compiled) -> tuple[float, str]:
+    """Peak device memory in bytes: the allocator's figure where there is one (GPU, TPU), else
+    XLA's static estimate of the compiled step (arguments + outputs + temporaries - aliased)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return float(stats["peak_bytes_in_use"]), "allocator peak"
+    m = compiled.memory_analysis()
+    if m is None:
+        return float("nan"), "unavailable"
+    total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             - m.alias_size_in_bytes)
+    return float(total), "XLA estimate"
+
+
+def bench(cfg: Config, *, steps: int = 10, warmup: int = 2) -> dict:
+    """Median step time over `steps` timed steps after `warmup` untimed ones."""
+    trainer = build_trainer(cfg)
+    host = fixed_batch(cfg.data, trainer.system.tokenizer, "train", cfg.train.batch_size)
+    batch = trainer.device_batch(host)
+    with trainer.context():
+        state = trainer.state
+        t0 = time.perf_counter()
+        compiled = trainer.step_fn.lower(state, batch).compile()
+        compile_s = time.perf_counter() - t0
+        for _ in range(warmup):
+            state, metrics = compiled(state, batch)
+        jax.block_until_ready((state, metrics))
+        times = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            state, metrics = compiled(state, batch)
+            jax.block_until_ready((state, metrics))
+            times.append(time.perf_counter() - t)
+    step_s = statistics.median(times)
+    flops = train_flops_per_step(cfg)
+    xla_flops = compiled_flops(compiled) * jax.device_count()
+    peak, peak_src = device_peak()
+    peak *= jax.device_count()
+    memory, memory_src = _peak_memory(compiled)
+    return {
+        "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
+        "params": count_params(state.params), "tokens_per_step": cfg.train.batch_size
+        * cfg.num_tokens(), "step_s": step_s, "step_s_min": min(times),
+        "tokens_per_s": cfg.train.batch_size * cfg.num_tokens() / step_s,
+        "flops_per_step": flops, "xla_flops_per_step": xla_flops,
+        "flops_ratio_xla": flops / xla_flops if xla_flops else float("nan"),
+        "flops_per_s": flops / step_s, "peak_flops_per_s": peak, "peak_source": peak_src,
+        "mfu": flops / step_s / peak, "compile_s": compile_s, "peak_memory_bytes": memory,
+        "memory_source": memory_src, "scan_layers": cfg.model.scan_layers,
+        "dtype": cfg.model.dtype, "remat": cfg.model.remat, "loss": float(metrics["loss"]),
+    }
+
+
+def format_report(r: dict) -> str:
+    xla_note = ("XLA counts a scanned stack once" if r["scan_layers"]
+                else f"{100 * r['flops_ratio_xla']:.1f} % of XLA's count")
+    return "\n".join([
+        f"device        {r['device']} x {r['devices']}",
+        f"model         {r['params'] / 1e6:.1f} M params, {r['dtype']}, remat {r['remat']}, "
+        f"scan {r['scan_layers']}",
+        f"compile       {r['compile_s']:.1f} s",
+        f"step          {r['step_s'] * 1e3:.1f} ms median (min {r['step_s_min'] * 1e3:.1f} ms)",
+        f"tokens/s      {r['tokens_per_s']:.0f} ({r['tokens_per_step']} tokens/step)",
+        f"FLOPs/step    {r['flops_per_step'] / 1e9:.1f} GFLOP analytic ({xla_note})",
+        f"achieved      {r['flops_per_s'] / 1e9:.1f} GFLOP/s",
+        f"peak          {r['peak_flops_per_s'] / 1e9:.1f} GFLOP/s ({r['peak_source']})",
+        f"MFU           {100 * r['mfu']:.1f} %",
+        f"peak memory   {r['peak_memory_bytes'] / 2**20:.0f} MiB ({r['memory_source']})",
+    ])

@@ -1,0 +1,66 @@
+"""Everything a training process builds before its first step, shared by `vdit train`,
+`vdit bench` and the tests: mesh, system, optimizer, sharded state, the jitted step."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from vdit.config import Config
+from vdit.data.pipeline import fixed_batch
+from vdit.diffusion.text_to_video import TextToVideo
+from vdit.parallel.mesh import batch_sharding, make_mesh
+from vdit.parallel.rules import Rules, get_rules
+from vdit.train.state import TrainState, create_state, make_optimizer, state_shardings
+from vdit.train.step import eval_step, train_step
+
+
+@dataclass
+class Trainer:
+    cfg: Config
+    mesh: Mesh
+    rules: Rules
+    system: TextToVideo
+    tx: optax.GradientTransformation
+    state: TrainState
+    batch_sharding: NamedSharding
+    step_fn: Any  # jitted (state, batch) -> (state, metrics), state donated
+    eval_fn: Any  # jitted (params, batch, stats, key) -> [num eval timesteps]
+
+    def device_batch(self, host: dict) -> dict:
+        """Host-local numpy batch -> global jax.Arrays sharded over the batch axes."""
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+                for k, v in host.items() if k != "seed"}
+
+    @contextlib.contextmanager
+    def context(self):
+        """Mesh + logical-axis rules: enter it around anything that traces the model."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            yield
+
+
+def build_trainer(cfg: Config) -> Trainer:
+    """A fresh sharded TrainState (latent stats from `data.stats_clips` training clips) and the
+    jitted step. Restoring a checkpoint into `trainer.state` is the caller's choice."""
+    mesh, rules = make_mesh(cfg.mesh), get_rules(cfg.mesh.rules)
+    system = TextToVideo(cfg)
+    tx = make_optimizer(cfg.train)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        videos = fixed_batch(cfg.data, system.tokenizer, "train", cfg.data.stats_clips)["video"]
+        stats = system.latent_stats(videos)
+        state = create_state(system, tx, cfg.train.seed, stats, mesh, rules)
+    shardings = state_shardings(state)
+    b_shard = batch_sharding(mesh)
+    step_fn = jax.jit(partial(train_step, system=system, tx=tx, cfg=cfg.train),
+                      in_shardings=(shardings, b_shard), out_shardings=(shardings, None),
+                      donate_argnums=0)
+    eval_fn = jax.jit(partial(eval_step, system=system))
+    return Trainer(cfg, mesh, rules, system, tx, state, b_shard, step_fn, eval_fn)
