@@ -24,11 +24,11 @@ def _setup(cfg):
 def test_loss_falls_when_overfitting_one_batch(tiny_config):
     cfg = tiny_config
     cfg = cfg.__class__(**{**cfg.__dict__, "train": cfg.train.__class__(
-        **{**cfg.train.__dict__, "steps": 60, "lr": 3e-3, "warmup_steps": 5})})
+        **{**cfg.train.__dict__, "steps": 150, "lr": 3e-3, "warmup_steps": 5})})
     trainer, batch, step = _setup(cfg)
     system, state = trainer.system, trainer.state
     probe = jax.jit(lambda p, k: system.loss(p, batch, state.stats, k))
-    keys = [jax.random.key(i) for i in range(4)]
+    keys = [jax.random.key(i) for i in range(16)]
     before = np.mean([float(probe(state.params, k)) for k in keys])
     for _ in range(cfg.train.steps):
         state, _ = step(state, batch)
