@@ -48,17 +48,54 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from vdit.sample.generate import sample_run
+    from vdit.sample.generate import Marking, default_key, sample_run
     from vdit.train.run_dir import load_run
 
+    if args.no_watermark:
+        print("WARNING: --no-watermark: these videos carry NO invisible watermark and cannot be "
+              "detected as AI-generated from their pixels; their sidecars record this.",
+              file=sys.stderr)
     cfg, system, state = load_run(args.run_dir, args.step)
     out = Path(args.out) if args.out else Path(args.run_dir) / "samples"
-    prompts = args.prompt or None
-    paths = sample_run(cfg, system, state.ema_params if not args.raw else state.params,
-                       state.stats, out, prompts, args.num, args.seed)
+    marking = Marking(watermark=not args.no_watermark, key=args.watermark_key or default_key(),
+                      run_id=f"{Path(args.run_dir).resolve().name}@{int(state.step)}",
+                      c2pa_cert=args.c2pa_cert, c2pa_key=args.c2pa_key)
+    params = state.params if args.raw else state.ema_params
+    paths = sample_run(cfg, system, params, state.stats, out, args.prompt or None, args.num,
+                       args.seed, marking)
     for p in paths:
         print(p)
     return 0
+
+
+def _cmd_detect(args: argparse.Namespace) -> int:
+    import json
+
+    from vdit.data.video_io import read_video
+    from vdit.provenance import detect, read_sidecar
+    from vdit.sample.generate import default_key
+
+    try:
+        frames, _ = read_video(args.video)
+    except ValueError as e:
+        raise FileNotFoundError(str(e)) from None
+    found = detect(frames, args.key or default_key())
+    sidecar = read_sidecar(args.video)
+    result = {"video": args.video, "watermark": found.present,
+              "payload": None if found.payload is None else f"{found.payload:#010x}",
+              "score": round(found.score, 2), "message": found.message, "sidecar": sidecar}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        state = "PRESENT" if found.present else "not found"
+        print(f"{args.video}: watermark {state} (score {found.score:.1f}); {found.message}")
+        if found.present:
+            print(f"  payload {result['payload']}")
+        if sidecar:
+            print(f"  sidecar: ai_generated={sidecar.get('ai_generated')}, "
+                  f"model {str(sidecar.get('model_hash'))[:16]}, seed {sidecar.get('seed')}, "
+                  f"prompt {sidecar.get('prompt')!r}, watermark {sidecar.get('watermark')}")
+    return 0 if found.present else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,7 +126,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/samples)")
     p.add_argument("--raw", action="store_true", help="use raw params instead of the EMA")
+    p.add_argument("--no-watermark", action="store_true",
+                   help="do NOT embed the invisible watermark (recorded in each sidecar)")
+    p.add_argument("--watermark-key", default=None,
+                   help="watermark key (default: $VDIT_WATERMARK_KEY or the public key)")
+    p.add_argument("--c2pa-cert", default=None, help="PEM certificate chain: sign a C2PA "
+                   "manifest into each mp4 (needs pip install 'vdit[c2pa]')")
+    p.add_argument("--c2pa-key", default=None, help="PEM private key of --c2pa-cert")
     p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("detect", help="check a video for vdit's watermark (exit 0 if present)")
+    p.add_argument("video")
+    p.add_argument("--key", default=None,
+                   help="watermark key (default: $VDIT_WATERMARK_KEY or the public key)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_detect)
     return parser
 
 

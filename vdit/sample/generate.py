@@ -1,19 +1,50 @@
-"""Generate videos from prompts with a trained run, and write them as mp4 files and a GIF grid."""
+"""Generate videos from prompts with a trained run, and write them as marked mp4 files, JSON
+provenance sidecars and a GIF grid."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
+import sys
 import warnings
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import jax
 import numpy as np
 
+from vdit import __version__
 from vdit.config import Config, SampleConfig
 from vdit.data.video_io import display_scale, tile, upscale, write_gif, write_mp4
 from vdit.diffusion.text_to_video import Stats, TextToVideo
+from vdit.provenance import manifest, watermark
+
+
+def default_key() -> str:
+    """$VDIT_WATERMARK_KEY if set, else the public key that anyone can detect with."""
+    return os.environ.get("VDIT_WATERMARK_KEY") or watermark.DEFAULT_KEY
+
+
+@dataclass(frozen=True)
+class Marking:
+    """How generated videos are marked. `watermark=False` is recorded in every sidecar."""
+
+    watermark: bool = True
+    key: str = field(default_factory=default_key)
+    run_id: str = ""
+    c2pa_cert: str | None = None
+    c2pa_key: str | None = None
+
+
+def params_hash(params) -> str:
+    """SHA-256 over the parameter bytes (in tree order): identifies the model that made a video."""
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(params):
+        h.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
+    return h.hexdigest()
 
 
 def generate(system: TextToVideo, params, stats: Stats, prompts: list[str], *, num: int,
@@ -42,31 +73,50 @@ def _slug(text: str, limit: int = 40) -> str:
 
 
 def write_samples(out_dir: str | Path, videos: np.ndarray, prompts: list[str], num: int,
-                  fps: float, *, seed: int) -> list[Path]:
-    """One mp4 per video, a GIF grid (a row per prompt) and prompts.json; returns the paths."""
+                  fps: float, *, seed: int, model_hash: str,
+                  marking: Marking = Marking()) -> list[Path]:
+    """One marked mp4 (+ VIDEO.json sidecar) per video, a GIF grid (a row per prompt) and
+    prompts.json; returns the video paths. Frames are upscaled (nearest) for viewing first."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     scale = display_scale(*videos.shape[2:4])
-    paths = []
+    payload = watermark.make_payload(model_hash, marking.run_id)
+    size = (videos.shape[2] * scale, videos.shape[3] * scale)
+    if marking.watermark and watermark.is_weak(*size):
+        print(f"warning: {size[0]}x{size[1]} frames are below {watermark.MIN_FRAME_SIZE} px: the "
+              "watermark is weak and may not survive re-encoding", file=sys.stderr)
+    paths, shown = [], []
     for i, video in enumerate(videos):
         p, k = divmod(i, num)
-        name = f"{p:02d}_{_slug(prompts[p])}_s{seed}_{k}.mp4"
-        paths.append(write_mp4(out / name, upscale(video, scale), fps,
-                               metadata={"comment": f"vdit: {prompts[p]}"}))
-    grid = tile(np.stack([upscale(v, max(scale // 2, 1)) for v in videos]), columns=num)
-    paths.append(write_gif(out / f"grid_s{seed}.gif", grid, fps))
+        frames = upscale(video, scale)
+        if marking.watermark:
+            frames = watermark.embed(frames, payload, marking.key)
+        record = manifest.provenance_record(
+            model_hash=model_hash, prompt=prompts[p], seed=seed, watermark=marking.watermark,
+            payload=payload if marking.watermark else None, vdit_version=__version__,
+            extra={"run": marking.run_id, "video_index": k, "fps": fps})
+        path = write_mp4(out / f"{p:02d}_{_slug(prompts[p])}_s{seed}_{k}.mp4", frames, fps,
+                         metadata=manifest.mp4_metadata(record))
+        manifest.write_sidecar(path, record)
+        if marking.c2pa_cert and marking.c2pa_key:
+            manifest.sign_c2pa(path, record, marking.c2pa_cert, marking.c2pa_key)
+        paths.append(path)
+        shown.append(frames[:, ::2, ::2] if scale > 1 else frames)
+    grid = out / f"grid_s{seed}.gif"
+    write_gif(grid, tile(np.stack(shown), columns=num), fps)
     (out / "prompts.json").write_text(json.dumps(
-        {"prompts": prompts, "num_per_prompt": num, "seed": seed,
-         "files": [p.name for p in paths]}, indent=2))
-    return paths
+        {"prompts": prompts, "num_per_prompt": num, "seed": seed, "model_hash": model_hash,
+         "watermark": marking.watermark, "files": [p.name for p in [*paths, grid]]}, indent=2))
+    return [*paths, grid]
 
 
 def sample_run(cfg: Config, system: TextToVideo, params, stats: Stats, out_dir: str | Path,
                prompts: list[str] | None = None, num: int | None = None,
-               seed: int | None = None) -> list[Path]:
+               seed: int | None = None, marking: Marking = Marking()) -> list[Path]:
     """Generate from `prompts` (default: the config's) and write files under out_dir."""
     prompts = list(prompts or cfg.sample.prompts)
     num = num or cfg.sample.num_per_prompt
     seed = cfg.sample.seed if seed is None else seed
     videos = generate(system, params, stats, prompts, num=num, seed=seed, cfg=cfg.sample)
-    return write_samples(out_dir, videos, prompts, num, cfg.sample.fps, seed=seed)
+    return write_samples(out_dir, videos, prompts, num, cfg.sample.fps, seed=seed,
+                         model_hash=params_hash(params), marking=marking)

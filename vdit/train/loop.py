@@ -136,10 +136,11 @@ def train(cfg: Config, *, log=print) -> dict:
         summary = _summarise(records, run_dir, log)
         summary["compile_s"] = compile_s
         if tc.sample_at_end:
-            from vdit.sample.generate import sample_run
+            from vdit.sample.generate import Marking, sample_run
 
+            marking = Marking(run_id=f"{run_dir.resolve().name}@{tc.steps}")
             paths = sample_run(cfg, trainer.system, state.ema_params, state.stats,
-                               run_dir / "samples")
+                               run_dir / "samples", marking=marking)
             log(f"samples: {len(paths)} files in {run_dir / 'samples'}")
             summary["samples"] = [str(p) for p in paths]
     return summary
