@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="watermark key (default: $VDIT_WATERMARK_KEY or the public key)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_detect)
+    from vdit.scaling.sweep import register as register_sweep
+
+    register_sweep(sub)
     return parser
 
 

@@ -245,6 +245,11 @@ def _residual(frames: np.ndarray) -> np.ndarray:
     for t in range(0, len(frames), _CHUNK):
         f = frames[t: t + _CHUNK].astype(np.float32)
         luma = 0.299 * f[..., 0] + 0.587 * f[..., 1] + 0.114 * f[..., 2]
+        k = min(luma.shape[1:]) // (2 * CANON)
+        if k >= 2:  # large frames: cheap k x k mean-pooling first (cells are >= 8k px wide)
+            n, h, w = luma.shape
+            luma = luma[:, : h // k * k, : w // k * k].reshape(n, h // k, k, w // k, k)
+            luma = luma.mean(axis=(2, 4))
         r = _highpass(_resize(luma, CANON, CANON))
         # Robust noise level; the floor (grey levels, far below the mark's) keeps a flat frame's
         # float rounding from being blown up by the normalisation below.
@@ -346,15 +351,17 @@ def _decode(res: np.ndarray, key: str, hs: int, ws: int, dy: int, dx: int) -> np
 
 
 @cache
-def _canonical_templates(key: str) -> np.ndarray:
-    """float32 [1 + CODED_BITS, CANON * CANON]: the groups' templates for an uncropped video."""
+def _canonical_solver(key: str) -> np.ndarray:
+    """float32 [1 + CODED_BITS, CANON * CANON]: maps an uncropped video's residual (flattened)
+    to the groups' least-squares amplitudes; fixed per key, so embedding reuses it."""
     _, owner = _layout(key)
     which = np.stack([owner == -1] + [owner == k for k in range(CODED_BITS)])
-    return _stretched(key, CANON, CANON, which).reshape(len(which), -1)
+    t = _stretched(key, CANON, CANON, which).reshape(len(which), -1)
+    return np.linalg.solve(t @ t.T + 1e-6 * np.eye(len(t)), t).astype(np.float32)
 
 
 def _canonical_coefficients(res: np.ndarray, key: str) -> np.ndarray:
-    return _coefficients(res, _canonical_templates(key)).astype(np.float64)
+    return (_canonical_solver(key) @ res.ravel()).astype(np.float64)
 
 
 def detect(frames: np.ndarray, key: str = DEFAULT_KEY, expected: int | None = None) -> Detection:

@@ -1,0 +1,259 @@
+"""Scaling sweeps: the model family, grid files, launch commands, the ledger, the law fit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+from conftest import tiny_dict
+
+from vdit.config import ConfigError, from_dict, load_config
+from vdit.scaling.family import family_config, size_multiplier
+from vdit.scaling.fit import fit_rows
+from vdit.scaling.flops import per_token_params, train_flops_per_step
+from vdit.scaling.sweep import (
+    GridError,
+    grid_points,
+    load_grid,
+    read_ledger,
+    register,
+    run_sweep,
+)
+from vdit.train.metrics import read_metrics
+
+# --- the family ---------------------------------------------------------------------------
+
+
+def _base(**train):
+    d = tiny_dict()
+    d["model"].update(width=64, depth=2, heads=2)  # head dim 32
+    d["train"].update(lr=1e-3, batch_size=8, **train)
+    return from_dict(d)
+
+
+def test_family_rules():
+    base = _base()
+    for size, (width, depth) in {0.5: (32, 1), "m": (64, 2), "x1.5": (96, 3),
+                                 "2": (128, 4), "xl": (128, 4)}.items():
+        cfg = family_config(base, size)
+        m = cfg.model
+        assert (m.width, m.depth) == (width, depth), size
+        assert m.width // m.heads == 32  # the head dim is fixed
+        assert m.width / m.depth == 32  # the aspect ratio of the base
+        assert cfg.train.lr == pytest.approx(1e-3 * 64 / width)  # lr ~ 1/width
+        assert cfg.train.batch_size == 8
+        assert cfg.model.patch == base.model.patch and cfg.text == base.text
+    # Per-token parameters grow about as s^3 once the blocks dominate.
+    ratio = per_token_params(family_config(base, 4)) / per_token_params(family_config(base, 2))
+    assert 6 < ratio < 8.5
+
+    cfg = family_config(base, 2, head_dim=16, lr_exponent=0.0, batch_exponent=1.0)
+    assert (cfg.model.heads, cfg.train.lr, cfg.train.batch_size) == (8, 1e-3, 16)
+    cfg = family_config(base, 0.75, batch_exponent=1.0, batch_multiple=4)
+    assert cfg.model.width == 64 and cfg.model.depth == 2  # 48 -> 64 (head dim 32); 1.5 -> 2
+    assert cfg.train.batch_size == 8  # 6 rounded to a multiple of 4
+
+
+@pytest.mark.parametrize("bad", ["big", "x", -1, 0, True, "x-2"])
+def test_family_rejects_bad_sizes(bad):
+    with pytest.raises(ConfigError, match="size"):
+        size_multiplier(bad)
+
+
+def test_family_rejects_bad_head_dim():
+    with pytest.raises(ConfigError, match="head_dim"):
+        family_config(_base(), 1, head_dim=12)
+
+
+# --- grid files ---------------------------------------------------------------------------
+
+
+def _grid(tmp_path, **keys) -> str:
+    """A grid on the tiny config: budgets of 2 and 3 steps of the base size."""
+    base = tiny_dict()
+    per_step = train_flops_per_step(from_dict(base))
+    grid = {"base": base, "sizes": [1], "budgets_flops": [2 * per_step, 3 * per_step],
+            "out_dir": str(tmp_path / "sweep"),
+            "overrides": ["train.checkpoint_every=1000"]}
+    grid.update(keys)
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return str(path)
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"size": [1]}, r"size: unknown key \(did you mean 'sizes'\?\)"),
+    ({"family": {"head_dims": 16}}, "family.head_dims: unknown key"),
+    ({"sizes": [1, "big"]}, r"sizes\[1\]"),
+    ({"sizes": []}, "sizes: expected a non-empty list"),
+    ({"budgets_flops": ["lots"]}, r"budgets_flops\[0\]: expected a number"),
+    ({"budgets_flops": [-1.0]}, "budgets_flops: every budget must be > 0"),
+    ({"launch": "vdit train {config} {nme}"}, r"launch: unknown placeholder \{nme\}"),
+    ({"out_dir": None}, "out_dir"),
+    ({"warmup_fraction": 1.5}, "warmup_fraction"),
+    ({"base": "nowhere.yaml"}, "base: config file nowhere.yaml does not exist"),
+    ({"overrides": ["model.depht=3"]}, "model.depht"),
+])
+def test_grid_validation_names_the_key(tmp_path, keys, message):
+    with pytest.raises(GridError, match=message):
+        load_grid(_grid(tmp_path, **keys))
+
+
+def test_grid_requires_keys(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump({"base": tiny_dict(), "sizes": [1], "out_dir": "x"}))
+    with pytest.raises(GridError, match="budgets_flops: required key is missing"):
+        load_grid(path)
+
+
+def test_points_steps_names_and_min_steps(tmp_path):
+    grid = load_grid(_grid(tmp_path, sizes=[1, 4], budgets_flops=["1e8", "3e9"], min_steps=3,
+                           max_steps=100, warmup_fraction=0.25))
+    points, skipped = grid_points(grid)
+    # Names encode size and budget. Per step x1 costs ~1.9e7 FLOPs and x4 ~7.8e8, so x4 gets
+    # 0 steps from 1e8 and x1 gets 156 from 3e9.
+    assert [p.name for p in points] == ["x1-C1e8", "x4-C3e9"]
+    assert skipped[0].startswith("x4-C1e8") and "< min_steps 3" in skipped[0]
+    assert skipped[1].startswith("x1-C3e9") and "> max_steps 100" in skipped[1]
+    for p in points:
+        assert p.steps == round(p.budget / train_flops_per_step(p.cfg))
+        assert p.cfg.train.warmup_steps == round(0.25 * p.steps)
+        assert p.cfg.train.run_dir == str(tmp_path / "sweep" / p.name)
+
+
+# --- launch commands ----------------------------------------------------------------------
+
+
+def test_print_launch_reproduces_each_point(tmp_path, capsys):
+    base_file = tmp_path / "base.yaml"
+    base_file.write_text(yaml.safe_dump(tiny_dict()))
+    path = _grid(tmp_path, base=str(base_file), sizes=[0.5, 1, 2],
+                 launch="xpk workload create --workload {name} --command 'vdit train {config} "
+                        "{overrides}'")
+    parser = argparse.ArgumentParser(prog="vdit")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["sweep", "run", path, "--print-launch"])
+    assert args.func(args) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    points, skipped = grid_points(load_grid(path))
+    assert len(lines) == len(points) == 5  # x2 is 5.7x x1 per step: 0 steps of either budget
+    assert "skipped x2-C" in captured.err and len(skipped) == 1
+    for line, point in zip(lines, points, strict=True):
+        assert line.startswith(f"xpk workload create --workload {point.name} --command ")
+        inner = shlex.split(shlex.split(line)[-1])  # the quoted command, then its words
+        assert inner[:3] == ["vdit", "train", str(base_file)]
+        assert load_config(inner[2], inner[3:]) == point.cfg  # the command is the point
+    assert not (tmp_path / "sweep").exists()  # printing runs nothing
+
+    # An inline base is written next to the runs so the commands can name a file.
+    rows = run_sweep(_grid(tmp_path), print_launch=True, log=lambda _: None)
+    config = shlex.split(rows[0]["command"])[2]
+    assert config == str(tmp_path / "sweep" / "base.yaml")
+    assert load_config(config, shlex.split(rows[0]["command"])[3:]).train.steps == 2
+
+
+# --- a sweep end to end -------------------------------------------------------------------
+
+
+def test_sweep_runs_resumes_and_never_duplicates(tmp_path):
+    path = _grid(tmp_path)
+    out = tmp_path / "sweep"
+    rows = run_sweep(path, log=lambda _: None)
+    ledger = out / "ledger.jsonl"
+    names = [p.name for p in grid_points(load_grid(path))[0]]
+    assert [r["name"] for r in read_ledger(ledger)] == [r["name"] for r in rows] == names
+    assert [r["steps"] for r in rows] == [2, 3]
+    for r in rows:
+        assert np.isfinite(r["eval_loss"]) and r["eval_loss"] > 0
+        assert r["tokens"] == r["steps"] * r["batch_size"] * r["tokens_per_clip"]
+        assert r["flops"] == pytest.approx(r["steps"] * r["flops_per_step"])
+        assert r["per_token_params"] < r["params"] and r["wall_s"] > 0
+        assert r["resumed_from_step"] is None
+    first, second = (out / r["name"] for r in rows)
+    first_metrics = (first / "metrics.jsonl").read_text()
+
+    # Interrupt the second point after step 2: drop its last checkpoint and its ledger row.
+    shutil.rmtree(second / "checkpoints" / "3")
+    ledger.write_text(ledger.read_text().splitlines()[0] + "\n")
+    again = run_sweep(path, log=lambda _: None)
+    assert [r["name"] for r in read_ledger(ledger)] == [r["name"] for r in rows]
+    assert again[0] == rows[0]  # the finished point was skipped, its run untouched
+    assert (first / "metrics.jsonl").read_text() == first_metrics
+    assert again[1]["resumed_from_step"] == 2
+    # Step 3 ran twice (its checkpoint was lost), so metrics.jsonl holds it twice.
+    steps = [r["step"] for r in read_metrics(second / "metrics.jsonl") if "loss" in r]
+    assert steps[-1] == 3 and set(steps) == {1, 2, 3}
+
+    # Killed between training and the ledger write: the row is rebuilt without training.
+    ledger.write_text(ledger.read_text().splitlines()[0] + "\n")
+    before = (second / "metrics.jsonl").read_text()
+    third = run_sweep(path, log=lambda _: None)
+    assert (second / "metrics.jsonl").read_text() == before
+    assert third[1]["eval_loss"] == again[1]["eval_loss"]
+    assert len(read_ledger(ledger)) == 2
+    # A third call finds everything done and writes nothing.
+    assert run_sweep(path, log=lambda _: None) == third and len(read_ledger(ledger)) == 2
+
+
+# --- the fit ------------------------------------------------------------------------------
+
+TRUE = {"E": 0.3, "A": 11.2, "alpha": 0.35, "B": 12.6, "beta": 0.3}
+
+
+def _synthetic_rows(noise: float = 0.005, seed: int = 1) -> list[dict]:
+    """A 5 x 5 grid of runs whose losses follow TRUE with log-normal noise; C = 6 N D."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i, n in enumerate(np.geomspace(2e4, 1e6, 5)):
+        for budget in np.geomspace(1e11, 1e13, 5):
+            d = budget / (6 * n)
+            loss = TRUE["E"] + TRUE["A"] / n ** TRUE["alpha"] + TRUE["B"] / d ** TRUE["beta"]
+            rows.append({"name": f"s{i}-{budget:.2g}", "size": f"s{i}", "budget_flops": budget,
+                         "per_token_params": n, "tokens": d, "flops": budget,
+                         "eval_loss": loss * np.exp(rng.normal(0, noise))})
+    return rows
+
+
+def test_fit_recovers_a_known_law_within_its_intervals():
+    """95 % intervals per constant, so some noise draws miss one: over noise seeds 0-7 the
+    intervals held all five true constants for 7 seeds (seed 0 missed A and alpha, whose
+    estimates trade off). The test uses seed 1."""
+    result = fit_rows(_synthetic_rows(), n_boot=40, starts="coarse", top=8, warm=2)
+    for key, true in TRUE.items():
+        lo, hi = result["intervals"][key]
+        assert lo <= true <= hi, (key, lo, true, hi)
+        assert result["law"][key] == pytest.approx(true, rel=0.3)
+    assert result["law"]["alpha"] == pytest.approx(0.35, abs=0.05)
+    assert result["law"]["beta"] == pytest.approx(0.3, abs=0.05)
+    assert result["flops_per_token"]["gamma"] == pytest.approx(1.0)
+    assert result["flops_per_token"]["k"] == pytest.approx(6.0)
+    # Chinchilla's allocation: N_opt ~ C^(beta / (alpha + beta)).
+    assert result["law"]["n_opt_exponent"] == pytest.approx(
+        result["law"]["beta"] / (result["law"]["alpha"] + result["law"]["beta"]))
+    lobo = result["leave_one_budget_out"]
+    assert len(lobo["per_budget"]) == 5 and lobo["mare"] < 0.02
+    assert result["in_sample_mare"] < 0.01
+
+
+def test_sweep_fit_command_writes_json_plots_and_a_ledger_copy(tmp_path, capsys):
+    ledger = tmp_path / "sweep" / "ledger.jsonl"
+    ledger.parent.mkdir()
+    ledger.write_text("".join(json.dumps(r) + "\n" for r in _synthetic_rows()[::2]))
+    out = tmp_path / "fit"
+    parser = argparse.ArgumentParser(prog="vdit")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["sweep", "fit", str(ledger.parent), "--out", str(out),
+                              "--bootstrap", "0", "--starts", "coarse", "--top", "4"])
+    assert args.func(args) == 0
+    assert "leave-one-budget-out" in capsys.readouterr().out
+    saved = json.loads((out / "fit.json").read_text())
+    assert saved["n_runs"] == 13 and saved["law"]["alpha"] == pytest.approx(0.35, abs=0.05)
+    assert (out / "ledger.jsonl").read_text() == ledger.read_text()
+    for png in ("loss_vs_flops.png", "isoflop.png", "pred_vs_obs.png"):
+        assert (out / png).stat().st_size > 10_000
