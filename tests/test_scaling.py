@@ -6,6 +6,7 @@ import argparse
 import json
 import shlex
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,6 +125,14 @@ def test_points_steps_names_and_min_steps(tmp_path):
         assert p.steps == round(p.budget / train_flops_per_step(p.cfg))
         assert p.cfg.train.warmup_steps == round(0.25 * p.steps)
         assert p.cfg.train.run_dir == str(tmp_path / "sweep" / p.name)
+
+
+@pytest.mark.parametrize("name, count", [("cpu", 16), ("pod", 18)])
+def test_shipped_grids_validate(name, count, monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # base paths are relative to it
+    points, _ = grid_points(load_grid(f"experiments/scaling/{name}.yaml"))
+    assert len(points) == count
+    assert len({p.cfg.train.batch_size * p.cfg.num_tokens() for p in points}) == 1
 
 
 # --- launch commands ----------------------------------------------------------------------

@@ -180,11 +180,13 @@ def embed(frames: np.ndarray, payload: int, key: str = DEFAULT_KEY,
     host = _canonical_coefficients(_residual(frames), key)
     for _ in range(_INFORMED_STEPS):
         got = _canonical_coefficients(_residual(out), key)
-        gain = (got - host) / amp
-        mid = float(np.median(gain))
-        if not mid > 0:  # the detector cannot see the mark at all here: keep the plain one
+        gain = np.full_like(amp, np.nan)  # per group: detector response per unit amplitude
+        seen = np.abs(amp) > 1e-3
+        gain[seen] = (got - host)[seen] / amp[seen]
+        mid = float(np.nanmedian(gain))
+        if not mid > 0:  # the detector cannot see the mark at all here: keep what we have
             break
-        gain = np.clip(gain, 0.25 * mid, 4.0 * mid)
+        gain = np.clip(np.nan_to_num(gain, nan=mid), 0.25 * mid, 4.0 * mid)
         host = got - gain * amp  # what the content (and clipping) adds, as the detector sees it
         amp = _equal_margins(signs, host, gain, counts)
         pat = _pattern(chips * amp[owner + 1].astype(np.float32), *frames.shape[1:3]) * scale
