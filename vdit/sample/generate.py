@@ -103,7 +103,10 @@ def write_samples(out_dir: str | Path, videos: np.ndarray, prompts: list[str], n
         paths.append(path)
         shown.append(frames[:, ::2, ::2] if scale > 1 else frames)
     grid = out / f"grid_s{seed}.gif"
-    write_gif(grid, tile(np.stack(shown), columns=num), fps)
+    preview = tile(np.stack(shown), columns=num)
+    if marking.watermark:  # the grid as a whole carries the mark too (tiles alone are too small)
+        preview = watermark.embed(preview, payload, marking.key)
+    write_gif(grid, preview, fps)
     (out / "prompts.json").write_text(json.dumps(
         {"prompts": prompts, "num_per_prompt": num, "seed": seed, "model_hash": model_hash,
          "watermark": marking.watermark, "files": [p.name for p in [*paths, grid]]}, indent=2))
