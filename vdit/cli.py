@@ -78,7 +78,8 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     try:
         frames, _ = read_video(args.video)
     except ValueError as e:
-        raise FileNotFoundError(str(e)) from None
+        print(f"vdit detect: error: {e}", file=sys.stderr)
+        return 2
     found = detect(frames, args.key or default_key())
     sidecar = read_sidecar(args.video)
     result = {"video": args.video, "watermark": found.present,

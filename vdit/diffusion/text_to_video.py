@@ -15,7 +15,7 @@ from vdit.diffusion.flow import noisy, resolve_shift, sample_time, velocity_loss
 from vdit.diffusion.sampler import sample_ode
 from vdit.models.autoencoder import make_autoencoder
 from vdit.models.dit import DiT
-from vdit.models.text import BOS, PAD, physics_tokenizer
+from vdit.models.text import null_tokens_like, physics_tokenizer
 
 Stats = dict[str, jax.Array]
 
@@ -44,7 +44,7 @@ class TextToVideo:
     # --- shapes and parameters -----------------------------------------------------------
     def dummy_inputs(self, batch: int = 1):
         latent = jnp.zeros((batch, *self.latent_shape), jnp.float32)
-        tokens = jnp.zeros((batch, self.cfg.text.max_length), jnp.int32).at[:, 0].set(BOS)
+        tokens = null_tokens_like(jnp.zeros((batch, self.cfg.text.max_length), jnp.int32))
         return latent, jnp.zeros((batch,), jnp.float32), tokens
 
     def init(self, key: jax.Array):
@@ -70,8 +70,7 @@ class TextToVideo:
     def drop_captions(self, tokens: jax.Array, key: jax.Array) -> jax.Array:
         """Replace each caption by the empty one with probability caption_dropout."""
         drop = jax.random.bernoulli(key, self.cfg.diffusion.caption_dropout, (tokens.shape[0],))
-        empty = jnp.full_like(tokens, PAD).at[:, 0].set(BOS)
-        return jnp.where(drop[:, None], empty, tokens)
+        return jnp.where(drop[:, None], null_tokens_like(tokens), tokens)
 
     def loss(self, params, batch: dict, stats: Stats, key: jax.Array) -> jax.Array:
         """Training loss on batch {"video": uint8 [B, T, H, W, 3], "tokens": int32 [B, S]}."""
@@ -99,7 +98,7 @@ class TextToVideo:
     def generate(self, params, tokens: jax.Array, stats: Stats, key: jax.Array, *, steps: int,
                  guidance: float, method: str) -> jax.Array:
         """Captions int32 [B, S] -> uint8 videos [B, T, H, W, 3]; deterministic for `key`."""
-        empty = jnp.full_like(tokens, PAD).at[:, 0].set(BOS)
+        empty = null_tokens_like(tokens)
 
         def velocity(x, t, cond):
             return self.dit.apply({"params": params}, x, t, tokens if cond else empty)

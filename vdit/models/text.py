@@ -10,6 +10,7 @@ import re
 from collections.abc import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -61,11 +62,10 @@ def physics_tokenizer(max_length: int) -> WordTokenizer:
     return WordTokenizer(VOCABULARY, max_length)
 
 
-def null_tokens(batch: int, max_length: int) -> np.ndarray:
-    """The empty caption (BOS only), used for caption dropout and unconditional guidance."""
-    out = np.full((batch, max_length), PAD, np.int32)
-    out[:, 0] = BOS
-    return out
+def null_tokens_like(tokens: jax.Array) -> jax.Array:
+    """The empty caption (BOS only) in the shape of `tokens` [B, S]: caption dropout and the
+    unconditional branch of guidance."""
+    return jnp.full_like(tokens, PAD).at[:, 0].set(BOS)
 
 
 class TextBlock(nn.Module):

@@ -27,6 +27,7 @@ import yaml
 from vdit.config import Config, ConfigError, from_dict, parse_overrides
 from vdit.scaling.family import family_overrides, size_label, size_multiplier
 from vdit.scaling.flops import per_token_params, train_flops_per_step
+from vdit.train.metrics import read_metrics
 
 GRID_KEYS = ("base", "overrides", "family", "sizes", "budgets_flops", "out_dir", "launch",
              "min_steps", "max_steps", "warmup_fraction", "checkpoints_per_run", "description")
@@ -283,16 +284,7 @@ def launch_command(grid: Grid, point: Point, config_path: Path | str) -> str:
 
 def read_ledger(path: str | Path) -> list[dict]:
     """Rows of a ledger.jsonl; a torn last line (a process killed mid-write) is ignored."""
-    p = Path(path)
-    if not p.exists():
-        return []
-    rows = []
-    for line in p.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
+    return read_metrics(path)
 
 
 def _append(path: Path, row: dict) -> None:
@@ -324,7 +316,6 @@ def count_params(cfg: Config) -> int:
 
 def ledger_row(point: Point, wall_s: float | None, resumed_from: int | None) -> dict:
     """One ledger row from a finished run directory's metrics."""
-    from vdit.train.metrics import read_metrics
 
     evals = [r for r in read_metrics(point.run_dir / "metrics.jsonl") if "eval_loss" in r]
     final = [r for r in evals if r["step"] == point.steps]
