@@ -316,7 +316,6 @@ def count_params(cfg: Config) -> int:
 
 def ledger_row(point: Point, wall_s: float | None, resumed_from: int | None) -> dict:
     """One ledger row from a finished run directory's metrics."""
-
     evals = [r for r in read_metrics(point.run_dir / "metrics.jsonl") if "eval_loss" in r]
     final = [r for r in evals if r["step"] == point.steps]
     if not final:
