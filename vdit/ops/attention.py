@@ -1,7 +1,29 @@
-"""The one attention dispatch. Every attention in vdit calls `attention()`.
+"""The one attention dispatch. Every attention in vdit calls `attention()` (or, for a block of
+ring attention, `attention_with_lse()`).
 
-Implementations: `xla` (portable einsum + float32 softmax), `cudnn` (fused kernel on NVIDIA GPUs,
-bf16/fp16 only). `auto` takes cuDNN on GPU for half-precision inputs and XLA elsewhere.
+Non-causal multi-head attention, q [B, Lq, H, D], k and v [B, Lk, H, D]; self- or
+cross-attention (Lq != Lk). Softmax statistics and matmul accumulation are float32 for every
+input dtype.
+
+Masks. `kv_mask` bool [B, Lk] (True: the key may be attended) and/or `segment_ids`: one int array
+[B, L] for self-attention, or a pair (q_ids [B, Lq], kv_ids [B, Lk]). A query sees a key when
+their ids are equal and the key is not masked; ids must be >= 0 because a masked key becomes id
+-1. A `kv_mask` alone is the same as every query in segment 0 and masked keys in segment -1.
+A query that sees no key (fully masked row) returns 0, and its lse is MASK_VALUE (-1e30), so
+merging blocks by log-sum-exp gives it no weight. No implementation produces NaN for it.
+
+Implementations (`impl`):
+- `xla`: einsum + float32 softmax; materialises [B, H, Lq, Lk], so memory is quadratic.
+- `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, NVIDIA GPUs, bf16/fp16 only;
+  segment ids become a dense [B, 1, Lq, Lk] mask (quadratic), and no lse is available.
+- `pallas_gpu`: vdit's flash kernels through Pallas' Triton lowering (vdit/ops/pallas/flash_gpu.py).
+- `pallas_tpu`: vdit's flash kernels through Mosaic (vdit/ops/pallas/flash_tpu.py).
+- `pallas`: the Pallas kernel of the default backend (TPU: pallas_tpu, else pallas_gpu). Off
+  their device both run in interpret mode (slow; for tests).
+- `auto`: CPU -> xla; TPU -> pallas_tpu; GPU -> cudnn for bf16/fp16 without segment ids (a
+  dense mask would make it quadratic), else pallas_gpu. The GPU order is provisional until
+  tools/bench_attention.py has measured both on a lent GPU (docs/performance.md).
+Pallas tiles come from `blocks` (BlockSizes; None: BlockSizes.default for the backend).
 """
 
 from __future__ import annotations
@@ -11,41 +33,117 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-Impl = Literal["auto", "xla", "cudnn"]
+from vdit.ops.pallas.common import MASK_VALUE, BlockSizes
+from vdit.ops.pallas.flash_gpu import flash_attention_gpu
+from vdit.ops.pallas.flash_tpu import flash_attention_tpu
 
-# Large but finite, so a fully masked row gives a uniform average instead of NaN.
-_MASK_VALUE = -1e30
+Impl = Literal["auto", "xla", "cudnn", "pallas", "pallas_gpu", "pallas_tpu"]
+IMPLS = ("auto", "xla", "cudnn", "pallas", "pallas_gpu", "pallas_tpu")
+SegmentIds = jax.Array | tuple[jax.Array, jax.Array] | None
 
-
-def _xla_attention(q, k, v, kv_mask):
-    scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-    if kv_mask is not None:
-        logits = jnp.where(kv_mask[:, None, None, :], logits, _MASK_VALUE)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+__all__ = ["IMPLS", "MASK_VALUE", "BlockSizes", "attention", "attention_with_lse",
+           "resolve_impl"]
 
 
-def resolve_impl(impl: Impl, dtype) -> str:
+def resolve_impl(impl: Impl, dtype, *, segments: bool = False) -> str:
+    """The concrete implementation `impl` means on the default backend (see the module doc)."""
+    if impl not in IMPLS:
+        raise ValueError(f"attention impl {impl!r}; allowed: {', '.join(IMPLS)}")
+    backend = jax.default_backend()
+    if impl == "pallas":
+        return "pallas_tpu" if backend == "tpu" else "pallas_gpu"
     if impl != "auto":
         return impl
-    on_gpu = jax.default_backend() == "gpu"
-    return "cudnn" if on_gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
+    if backend == "tpu":
+        return "pallas_tpu"
+    if backend == "gpu":
+        half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+        return "cudnn" if half and not segments else "pallas_gpu"
+    return "xla"
+
+
+def _segments(q, k, kv_mask, segment_ids: SegmentIds):
+    """-> (q_ids [B, Lq], kv_ids [B, Lk]) int32, or (None, None) when nothing is masked."""
+    if segment_ids is None and kv_mask is None:
+        return None, None
+    if segment_ids is None:
+        q_ids = jnp.zeros(q.shape[:2], jnp.int32)
+        kv_ids = jnp.zeros(k.shape[:2], jnp.int32)
+    elif isinstance(segment_ids, tuple | list):
+        q_ids, kv_ids = (jnp.asarray(s, jnp.int32) for s in segment_ids)
+    else:
+        if q.shape[1] != k.shape[1]:
+            raise ValueError("one segment-id array needs Lq == Lk; pass (q_ids, kv_ids)")
+        q_ids = kv_ids = jnp.asarray(segment_ids, jnp.int32)
+    if q_ids.shape != q.shape[:2] or kv_ids.shape != k.shape[:2]:
+        raise ValueError(f"segment ids {q_ids.shape}, {kv_ids.shape} for q {q.shape}, k {k.shape}")
+    if kv_mask is not None:
+        kv_ids = jnp.where(kv_mask, kv_ids, -1)
+    return q_ids, kv_ids
+
+
+def _visibility(q_ids, kv_ids, kv_mask, segment_ids):
+    """Bool mask broadcastable to [B, 1, Lq, Lk] for XLA/cuDNN, or None."""
+    if segment_ids is None:  # a key mask alone stays [B, 1, 1, Lk]: no [Lq, Lk] compare
+        return None if kv_mask is None else kv_mask[:, None, None, :]
+    return (q_ids[:, :, None] == kv_ids[:, None, :])[:, None]
+
+
+def _xla_attention(q, k, v, mask):
+    """-> (o [B, Lq, H, D] in v's dtype, lse [B, H, Lq] f32)."""
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        logits = jnp.where(mask, logits, MASK_VALUE)
+    weights = jax.nn.softmax(logits, axis=-1)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    if mask is not None:
+        # Masked weights are exactly 0 already unless the whole row is masked; zeroing them
+        # makes such a row return 0 instead of the mean of v.
+        weights = jnp.where(mask, weights, 0.0)
+        lse = jnp.where(jnp.any(mask, axis=-1), lse, MASK_VALUE)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v), lse
+
+
+def attention_with_lse(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, kv_mask: jax.Array | None = None,
+    segment_ids: SegmentIds = None, impl: Impl = "auto", blocks: BlockSizes | None = None,
+    interpret=None,
+) -> tuple[jax.Array, jax.Array]:
+    """Attention of one (query block, key block) pair plus its log-sum-exp, for ring attention.
+
+    Returns (o [B, Lq, H, D] in q's dtype, lse [B, H, Lq] float32, natural log). Both are
+    differentiable. Blocks (o_i, lse_i) over disjoint key sets merge exactly as
+    lse = logsumexp_i(lse_i), o = sum_i exp(lse_i - lse) o_i. `interpret` goes to the Pallas
+    kernels (None: interpret mode off their device; False to compile for TPU on a CPU host).
+    cuDNN returns no lse, so `auto` never picks it here.
+    """
+    q_ids, kv_ids = _segments(q, k, kv_mask, segment_ids)
+    chosen = resolve_impl(impl, q.dtype, segments=True)  # True: never cudnn
+    if chosen == "xla":
+        o, lse = _xla_attention(q, k, v, _visibility(q_ids, kv_ids, kv_mask, segment_ids))
+        return o.astype(q.dtype), lse
+    if chosen == "pallas_gpu":
+        return flash_attention_gpu(q, k, v, q_ids, kv_ids, blocks=blocks, interpret=interpret)
+    if chosen == "pallas_tpu":
+        return flash_attention_tpu(q, k, v, q_ids, kv_ids, blocks=blocks, interpret=interpret)
+    raise ValueError(f"attention_with_lse: impl {chosen!r} returns no lse; use xla or pallas")
 
 
 def attention(
     q: jax.Array, k: jax.Array, v: jax.Array, *, kv_mask: jax.Array | None = None,
-    impl: Impl = "auto",
+    segment_ids: SegmentIds = None, impl: Impl = "auto", blocks: BlockSizes | None = None,
+    interpret=None,
 ) -> jax.Array:
-    """Non-causal multi-head attention.
+    """Non-causal multi-head attention (masks and implementations: see the module doc).
 
-    q: [B, Lq, H, D]; k, v: [B, Lk, H, D]; kv_mask: bool [B, Lk], True where a key may be attended.
-    Returns [B, Lq, H, D] in q's dtype.
+    q: [B, Lq, H, D]; k, v: [B, Lk, H, D]; kv_mask: bool [B, Lk], True where a key may be
+    attended; segment_ids: [B, L] or ([B, Lq], [B, Lk]) int. Returns [B, Lq, H, D] in q's dtype.
     """
-    chosen = resolve_impl(impl, q.dtype)
-    if chosen == "xla":
-        return _xla_attention(q, k, v, kv_mask)
+    chosen = resolve_impl(impl, q.dtype, segments=segment_ids is not None)
     if chosen == "cudnn":
-        mask = None if kv_mask is None else kv_mask[:, None, None, :]
+        q_ids, kv_ids = _segments(q, k, kv_mask, segment_ids)
+        mask = _visibility(q_ids, kv_ids, kv_mask, segment_ids)
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
-    raise ValueError(f"attention impl {impl!r}; allowed: auto, xla, cudnn")
+    return attention_with_lse(q, k, v, kv_mask=kv_mask, segment_ids=segment_ids, impl=chosen,
+                              blocks=blocks, interpret=interpret)[0]
