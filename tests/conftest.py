@@ -41,3 +41,13 @@ def tiny_dict(run_dir: str | Path = "runs/test") -> dict:
 @pytest.fixture
 def tiny_config(tmp_path) -> Config:
     return from_dict(tiny_dict(tmp_path / "run"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip `gpu`-marked tests unless JAX's default backend is a GPU."""
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if not gpu_items or jax.default_backend() == "gpu":  # ask only when it matters
+        return
+    skip = pytest.mark.skip(reason="needs a GPU (jax.default_backend() is not 'gpu')")
+    for item in gpu_items:
+        item.add_marker(skip)
