@@ -28,4 +28,4 @@ def test_xla_attention_matches_float64_reference_with_key_mask():
 def test_fully_masked_rows_give_no_nan():
     q = jnp.ones((1, 2, 1, 8))
     out = attention(q, q, q, kv_mask=jnp.zeros((1, 2), bool), impl="xla")
-    assert bool(jnp.all(jnp.isfinite(out)))
+    assert bool(jnp.all(out == 0))  # a row that sees no key returns 0, like the flash kernels
