@@ -153,6 +153,23 @@ def test_blocks_merge_by_lse_inside_shard_map():
     assert rel_err(out, want) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_gpu_kernels_lower_to_triton(dtype):
+    """Without a GPU, the Triton kernels still go through Pallas' Triton lowering (the step
+    before PTX): forward, dK/dV and dQ for cross-attention with segment ids, default tiles."""
+    q = jax.ShapeDtypeStruct((2, 1000, 4, 128), dtype)
+    kv = jax.ShapeDtypeStruct((2, 700, 4, 128), dtype)
+    ids = (jax.ShapeDtypeStruct((2, 1000), jnp.int32), jax.ShapeDtypeStruct((2, 700), jnp.int32))
+
+    def loss(q, k, v, q_ids, kv_ids):
+        o, lse = flash_attention_gpu(q, k, v, q_ids, kv_ids, interpret=False)
+        return o.astype(jnp.float32).sum() + lse.sum()
+
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv, *ids).lower(
+        lowering_platforms=("cuda",))
+    assert lowered.as_text().count("stablehlo.custom_call @__gpu$xla.gpu.triton") == 3
+
+
 def _compile_uncached(lowered):
     """Compiles without writing the persistent cache (conftest turns it on): an executable
     compiled from a topology cannot be loaded back without a TPU client, so the next run would
@@ -166,9 +183,9 @@ def _compile_uncached(lowered):
         jax.config.update(key, before)
 
 
-def test_tpu_kernels_compile_for_v5p_at_16k():
-    """Forward and backward of the Mosaic kernels, compiled ahead of time for a v5p slice
-    (8 chips, batch sharded, shard_map) at 16k tokens with segment ids, on this CPU host."""
+@pytest.fixture(scope="module")
+def v5p_mesh():
+    """A v5p:2x2x2 slice (8 chips) described by libtpu; nothing runs on it, it compiles."""
     pytest.importorskip("libtpu")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-16")  # quiets libtpu's start-up
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
@@ -177,31 +194,48 @@ def test_tpu_kernels_compile_for_v5p_at_16k():
     topo = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x2",
                                         chip_config_name="default",
                                         chips_per_host_bounds=(2, 2, 1), num_slices=1)
-    mesh = jax.sharding.Mesh(np.array(topo.devices), ("data",))
-    b, length, h, d = 8, 16384, 8, 128
+    return jax.sharding.Mesh(np.array(topo.devices), ("data",))
+
+
+def _compile_on(mesh, lq, lk, h, d, dtype, segments: bool, grad: bool):
+    """Compiles vdit's TPU kernels (batch 8 sharded over the slice, inside shard_map) for
+    q [8, lq, h, d], k, v [8, lk, h, d]; returns the compiled program and compile seconds."""
     spec = jax.P("data")
     sharding = jax.sharding.NamedSharding(mesh, spec)
-    x = jax.ShapeDtypeStruct((b, length, h, d), jnp.bfloat16, sharding=sharding)
-    ids = jax.ShapeDtypeStruct((b, length), jnp.int32, sharding=sharding)
+    q, kv = (jax.ShapeDtypeStruct((8, n, h, d), dtype, sharding=sharding) for n in (lq, lk))
+    ids = tuple(jax.ShapeDtypeStruct((8, n), jnp.int32, sharding=sharding) for n in (lq, lk))
 
-    def local(q, k, v, ids):
-        return flash_attention_tpu(q, k, v, ids, ids, interpret=False)[0]
+    def local(q, k, v, q_ids, kv_ids):
+        segs = (q_ids, kv_ids) if segments else ()
+        return flash_attention_tpu(q, k, v, *segs, interpret=False)[0]
 
-    fwd = jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 4, out_specs=spec, check_vma=False)
-    loss = lambda q, k, v, ids: fwd(q, k, v, ids).astype(jnp.float32).sum()
-    for name, fn in (("fwd", fwd), ("fwd+bwd", jax.grad(loss, argnums=(0, 1, 2)))):
-        start = time.perf_counter()
-        compiled = _compile_uncached(jax.jit(fn).lower(x, x, x, ids))
+    fwd = jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 5, out_specs=spec, check_vma=False)
+    fn = jax.grad(lambda *a: fwd(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2)) if grad else fwd
+    start = time.perf_counter()
+    compiled = _compile_uncached(jax.jit(fn).lower(q, kv, kv, *ids))
+    assert "tpu_custom_call" in compiled.as_text()  # the Mosaic kernels, not XLA attention
+    return compiled, time.perf_counter() - start
+
+
+def test_tpu_kernels_compile_for_v5p_at_16k(v5p_mesh):
+    """Forward and backward of the Mosaic kernels, compiled ahead of time for a v5p slice at
+    16k tokens, bf16, head dim 128, with segment ids, on this CPU host."""
+    for grad in (False, True):
+        compiled, seconds = _compile_on(v5p_mesh, 16384, 16384, 8, 128, jnp.bfloat16, True, grad)
         mem = compiled.memory_analysis()
-        print(f"v5p 16k {name}: compile {time.perf_counter() - start:.1f} s, per chip "
+        print(f"v5p 16k {'fwd+bwd' if grad else 'fwd'}: compile {seconds:.1f} s, per chip "
               f"args {mem.argument_size_in_bytes / 2**20:.0f} MiB, temp "
               f"{mem.temp_size_in_bytes / 2**20:.0f} MiB, out "
               f"{mem.output_size_in_bytes / 2**20:.0f} MiB")
-        assert "tpu_custom_call" in compiled.as_text()  # the Mosaic kernels, not XLA
         # Per chip: 1 x 16k x 8 x 128 bf16 = 32 MiB per tensor. Dense [8, 16k, 16k] f32
         # logits would be 8 GiB; a linear-memory kernel needs a few tensors' worth.
         assert mem.temp_size_in_bytes < 1 << 30
     assert jax.default_backend() == "cpu"  # the CPU backend of the other tests is untouched
+
+
+def test_tpu_kernels_compile_f32_d64_cross_attention(v5p_mesh):
+    """The other Mosaic paths: f32, head dim 64, Lq != Lk, lengths off the tiles (padding)."""
+    _compile_on(v5p_mesh, 1000, 700, 4, 64, jnp.float32, True, grad=True)
 
 
 GPU_CASES = [(jnp.bfloat16, 64, None), (jnp.float32, 128, None), (jnp.bfloat16, 128, "pair")]
