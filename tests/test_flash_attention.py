@@ -127,8 +127,19 @@ def test_dispatch_with_key_mask_matches_xla():
     out = attention(q, k, v, kv_mask=mask, impl="pallas")
     want = attention(q, k, v, kv_mask=mask, impl="xla")
     assert rel_err(out, want) < 1e-5
-    assert resolve_impl("auto", jnp.bfloat16) == "xla"  # CPU
-    assert resolve_impl("pallas", jnp.float32) == "pallas_gpu"
+    # Self-attention segment ids (one array) combined with a key mask.
+    ids = jnp.asarray(np.repeat([[0, 1, 2, 3]], 10, axis=1).reshape(1, 40).repeat(2, 0))
+    kv_mask = jnp.arange(40)[None, :] % 7 != 3
+    _, k, v, _, _ = _inputs(7, 2, 40, 40, 2, 64, jnp.float32)
+    out = attention(q, k, v, kv_mask=kv_mask, segment_ids=ids, impl="pallas")
+    want = attention(q, k, v, kv_mask=kv_mask, segment_ids=ids, impl="xla")
+    assert rel_err(out, want) < 1e-5
+    backend = jax.default_backend()
+    assert resolve_impl("auto", jnp.bfloat16) == {"gpu": "cudnn", "tpu": "pallas_tpu"}.get(
+        backend, "xla")
+    assert resolve_impl("auto", jnp.bfloat16, segments=True) != "cudnn"  # dense mask: quadratic
+    assert resolve_impl("pallas", jnp.float32) == ("pallas_tpu" if backend == "tpu"
+                                                   else "pallas_gpu")
 
 
 def test_blocks_merge_by_lse_inside_shard_map():
