@@ -72,6 +72,9 @@ KERNELS = {
     "gpu": lambda *a, **kw: flash_attention_gpu(*a, blocks=BlockSizes(32, 32, 16, 32, 32, 16),
                                                 **kw),
     "tpu": lambda *a, **kw: flash_attention_tpu(*a, blocks=BlockSizes(*(128,) * 6), **kw),
+    # The XLA path follows the same rules (fully masked rows, lse, its gradient).
+    "xla": lambda q, k, v, q_ids, kv_ids: attention_with_lse(q, k, v, segment_ids=(q_ids, kv_ids),
+                                                             impl="xla"),
 }
 
 
