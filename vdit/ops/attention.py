@@ -24,12 +24,20 @@ Implementations (`impl`):
   dense mask would make it quadratic), else pallas_gpu. The GPU order is provisional until
   tools/bench_attention.py has measured both on a lent GPU (docs/performance.md).
 Pallas tiles come from `blocks` (BlockSizes; None: BlockSizes.default for the backend).
+
+Sharding. XLA cannot partition a Pallas kernel, so under a mesh (`jax.set_mesh`) with more than
+one device the dispatch runs the kernel per shard in a `shard_map`: batch and heads split as the
+active logical-axis rules map `act_batch` and `act_heads` (vdit/parallel/rules.py), the sequences
+whole (sharded context is ring attention's job). Inside a `shard_map` it calls the kernel as is.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Literal
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -105,6 +113,29 @@ def _xla_attention(q, k, v, mask):
     return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v), lse
 
 
+def _mesh_axes(mesh, logical: str, size: int) -> tuple[str, ...] | None:
+    """The mesh axes the rules give `logical`, or None unless they split `size` evenly."""
+    axes = nn.logical_to_mesh_axes((logical,))[0]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    axes = tuple(a for a in axes if a in mesh.shape)
+    return axes if axes and size % math.prod(mesh.shape[a] for a in axes) == 0 else None
+
+
+def _per_shard(kernel: Callable, q, k, v, q_ids, kv_ids):
+    """kernel(q, k, v, q_ids, kv_ids) -> (o, lse), in a shard_map over the ambient mesh when
+    there is one (see the module doc)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    manual = any(t == jax.sharding.AxisType.Manual for t in mesh.axis_types)
+    if mesh.empty or mesh.size == 1 or manual:
+        return kernel(q, k, v, q_ids, kv_ids)
+    batch = _mesh_axes(mesh, "act_batch", q.shape[0])
+    heads = _mesh_axes(mesh, "act_heads", q.shape[2])
+    data, ids, lse = jax.P(batch, None, heads, None), jax.P(batch, None), jax.P(batch, heads, None)
+    ids_spec = None if q_ids is None else ids
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(data, data, data, ids_spec, ids_spec),
+                         out_specs=(data, lse), check_vma=False)(q, k, v, q_ids, kv_ids)
+
+
 def attention_with_lse(
     q: jax.Array, k: jax.Array, v: jax.Array, *, kv_mask: jax.Array | None = None,
     segment_ids: SegmentIds = None, impl: Impl = "auto", blocks: BlockSizes | None = None,
@@ -123,10 +154,10 @@ def attention_with_lse(
     if chosen == "xla":
         o, lse = _xla_attention(q, k, v, _visibility(q_ids, kv_ids, kv_mask, segment_ids))
         return o.astype(q.dtype), lse
-    if chosen == "pallas_gpu":
-        return flash_attention_gpu(q, k, v, q_ids, kv_ids, blocks=blocks, interpret=interpret)
-    if chosen == "pallas_tpu":
-        return flash_attention_tpu(q, k, v, q_ids, kv_ids, blocks=blocks, interpret=interpret)
+    if chosen in ("pallas_gpu", "pallas_tpu"):
+        flash = flash_attention_gpu if chosen == "pallas_gpu" else flash_attention_tpu
+        kernel = lambda *a: flash(*a, blocks=blocks, interpret=interpret)
+        return _per_shard(kernel, q, k, v, q_ids, kv_ids)
     raise ValueError(f"attention_with_lse: impl {chosen!r} returns no lse; use xla or pallas")
 
 
