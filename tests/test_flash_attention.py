@@ -141,6 +141,7 @@ def test_dispatch_with_key_mask_matches_xla():
     assert resolve_impl("auto", jnp.bfloat16) == {"gpu": "cudnn", "tpu": "pallas_tpu"}.get(
         backend, "xla")
     assert resolve_impl("auto", jnp.bfloat16, segments=True) != "cudnn"  # dense mask: quadratic
+    assert resolve_impl("auto", jnp.float32, head_dim=8) == "xla"  # no Pallas tile for it
     assert resolve_impl("pallas", jnp.float32) == ("pallas_tpu" if backend == "tpu"
                                                    else "pallas_gpu")
 

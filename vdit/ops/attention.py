@@ -22,7 +22,9 @@ Implementations (`impl`):
   their device both run in interpret mode (slow; for tests).
 - `auto`: CPU -> xla; TPU -> pallas_tpu; GPU -> cudnn for bf16/fp16 without segment ids (a
   dense mask would make it quadratic), else pallas_gpu. The GPU order is provisional until
-  tools/bench_attention.py has measured both on a lent GPU (docs/performance.md).
+  tools/bench_attention.py has measured both on a lent GPU (docs/performance.md). A head dim
+  the Pallas kernels are not built for (GPU: powers of two 16-256; TPU: 64 or multiples of 128)
+  falls back to cudnn (bf16/fp16 on GPU) or xla.
 Pallas tiles come from `blocks` (BlockSizes; None: BlockSizes.default for the backend).
 
 Sharding. XLA cannot partition a Pallas kernel, so under a mesh (`jax.set_mesh`) with more than
@@ -53,8 +55,20 @@ __all__ = ["IMPLS", "MASK_VALUE", "BlockSizes", "attention", "attention_with_lse
            "resolve_impl"]
 
 
-def resolve_impl(impl: Impl, dtype, *, segments: bool = False) -> str:
-    """The concrete implementation `impl` means on the default backend (see the module doc)."""
+def _pallas_fits(backend: str, head_dim: int | None) -> bool:
+    """Head dims the kernels are built for: Triton tiles are powers of two (tensor-core dots
+    need >= 16); Mosaic compiles were checked at 64 and 128."""
+    if head_dim is None:
+        return True
+    if backend == "tpu":
+        return head_dim == 64 or head_dim % 128 == 0
+    return 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
+
+
+def resolve_impl(impl: Impl, dtype, *, segments: bool = False,
+                 head_dim: int | None = None) -> str:
+    """The concrete implementation `impl` means on the default backend (see the module doc);
+    `auto` avoids a Pallas kernel for a head dim it is not built for."""
     if impl not in IMPLS:
         raise ValueError(f"attention impl {impl!r}; allowed: {', '.join(IMPLS)}")
     backend = jax.default_backend()
@@ -62,11 +76,14 @@ def resolve_impl(impl: Impl, dtype, *, segments: bool = False) -> str:
         return "pallas_tpu" if backend == "tpu" else "pallas_gpu"
     if impl != "auto":
         return impl
+    fits = _pallas_fits(backend, head_dim)
     if backend == "tpu":
-        return "pallas_tpu"
+        return "pallas_tpu" if fits else "xla"
     if backend == "gpu":
         half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-        return "cudnn" if half and not segments else "pallas_gpu"
+        if half and (not segments or not fits):
+            return "cudnn"
+        return "pallas_gpu" if fits else "xla"
     return "xla"
 
 
@@ -150,7 +167,8 @@ def attention_with_lse(
     cuDNN returns no lse, so `auto` never picks it here.
     """
     q_ids, kv_ids = _segments(q, k, kv_mask, segment_ids)
-    chosen = resolve_impl(impl, q.dtype, segments=True)  # True: never cudnn
+    chosen = resolve_impl(impl, q.dtype, segments=True, head_dim=q.shape[-1])
+    chosen = "xla" if chosen == "cudnn" and impl == "auto" else chosen  # cudnn has no lse
     if chosen == "xla":
         o, lse = _xla_attention(q, k, v, _visibility(q_ids, kv_ids, kv_mask, segment_ids))
         return o.astype(q.dtype), lse
@@ -171,7 +189,7 @@ def attention(
     q: [B, Lq, H, D]; k, v: [B, Lk, H, D]; kv_mask: bool [B, Lk], True where a key may be
     attended; segment_ids: [B, L] or ([B, Lq], [B, Lk]) int. Returns [B, Lq, H, D] in q's dtype.
     """
-    chosen = resolve_impl(impl, q.dtype, segments=segment_ids is not None)
+    chosen = resolve_impl(impl, q.dtype, segments=segment_ids is not None, head_dim=q.shape[-1])
     if chosen == "cudnn":
         q_ids, kv_ids = _segments(q, k, kv_mask, segment_ids)
         mask = _visibility(q_ids, kv_ids, kv_mask, segment_ids)
