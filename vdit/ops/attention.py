@@ -2,15 +2,16 @@
 ring attention, `attention_with_lse()`).
 
 Non-causal multi-head attention, q [B, Lq, H, D], k and v [B, Lk, H, D]; self- or
-cross-attention (Lq != Lk). Softmax statistics and matmul accumulation are float32 for every
-input dtype.
+cross-attention (Lq != Lk). Softmax statistics are float32 for every input dtype, and the
+Pallas kernels accumulate both matmuls in float32.
 
 Masks. `kv_mask` bool [B, Lk] (True: the key may be attended) and/or `segment_ids`: one int array
 [B, L] for self-attention, or a pair (q_ids [B, Lq], kv_ids [B, Lk]). A query sees a key when
 their ids are equal and the key is not masked; ids must be >= 0 because a masked key becomes id
 -1. A `kv_mask` alone is the same as every query in segment 0 and masked keys in segment -1.
 A query that sees no key (fully masked row) returns 0, and its lse is MASK_VALUE (-1e30), so
-merging blocks by log-sum-exp gives it no weight. No implementation produces NaN for it.
+merging blocks by log-sum-exp gives it no weight (xla and Pallas; cuDNN's behaviour there is
+not checked yet).
 
 Implementations (`impl`):
 - `xla`: einsum + float32 softmax; materialises [B, H, Lq, Lk], so memory is quadratic.

@@ -45,9 +45,9 @@ def _seg_tile(ref, start: Any, size: int, axis: int) -> jax.Array | None:
 
 def _params(blocks: BlockSizes, q: jax.Array, is_forward: bool) -> plgpu.CompilerParams:
     """Passing Triton's CompilerParams also pins the Triton lowering (not Mosaic GPU).
-    Defaults after the Triton tutorial's FlashAttention-2: 8 warps for the forward's
-    [128, 128] query tile, 4 for the narrow backward tiles; 3 pipeline stages for 2-byte
-    inputs, 2 for f32 (shared memory)."""
+    Defaults after the Triton tutorial's FlashAttention-2 (untuned here: no GPU yet): 8 warps
+    for the forward at head dim 128, else 4; 3 pipeline stages for 2-byte inputs, 2 for f32,
+    whose tiles take twice the shared memory."""
     warps = blocks.num_warps or (8 if is_forward and q.shape[-1] > 64 else 4)
     stages = blocks.num_stages or (3 if q.dtype.itemsize <= 2 else 2)
     return plgpu.CompilerParams(num_warps=warps, num_stages=stages)
