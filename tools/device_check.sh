@@ -43,8 +43,9 @@ else
 fi
 
 echo "== benchmark (B=1, H=16, D=128, bf16)"
+# Rows print as JSON while they finish (kept if the timeout cuts the run), then the table.
 timeout 300 $PY tools/bench_attention.py --iters 5 --warmup 2 \
-    --json "$OUTDIR/bench_attention.json" 2>&1 | grep -v '^{' || status=1
+    --json "$OUTDIR/bench_attention.json" 2>"$OUTDIR/bench_stderr.log" || status=1
 
 echo "== pallas_gpu tiles at 16k (fwd q k | dkv q k | dq q k)"
 for blocks in "128 64 32 128 128 32" "128 128 64 128 128 64" "64 64 64 64 64 64" \
@@ -52,7 +53,8 @@ for blocks in "128 64 32 128 128 32" "128 128 64 128 128 64" "64 64 64 64 64 64"
     [ $((SECONDS - start)) -gt 420 ] && { echo "(time budget: sweep cut short)"; break; }
     echo "-- blocks $blocks"
     timeout 90 $PY tools/bench_attention.py --impls pallas_gpu --lengths 16384 --iters 5 \
-        --warmup 2 --in-process --blocks $blocks 2>&1 | grep '^| pallas' || status=1
+        --warmup 2 --in-process --blocks $blocks 2>>"$OUTDIR/bench_stderr.log" \
+        | grep -E '^\| pallas|error' || status=1
 done
 
 echo "== done in $((SECONDS - start)) s, status $status"
