@@ -1,13 +1,14 @@
 """Shared fixtures: a tiny config that compiles in seconds on a 2-core CPU."""
 
-from __future__ import annotations
+from __future__ import annotations  # noqa: I001  (vdit must be imported before jax)
 
 import os
 from pathlib import Path
 
-import jax
 import pytest
 
+import vdit  # noqa: F401  (imported before jax: it quiets libtpu on machines without a TPU)
+import jax
 from vdit.config import Config, from_dict
 
 # Reuse compiled programs across test runs (and across the processes the CLI tests start).
@@ -20,6 +21,7 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 TINY = {
     "model": {"width": 32, "depth": 2, "heads": 2, "patch": [1, 2, 2]},
     "text": {"width": 16, "depth": 1, "heads": 2, "max_length": 12},
+    "autoencoder": {"kind": "space_to_depth", "factors": [1, 4, 4]},
     "data": {"world": {"frames": 4, "height": 16, "width": 16}, "num_eval_clips": 4,
              "stats_clips": 8, "prefetch": 1},
     "diffusion": {"eval_timesteps": [0.25, 0.75]},

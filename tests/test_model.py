@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from conftest import tiny_dict
 
-from vdit.config import ConfigError, TextConfig, from_dict
+from vdit.config import AutoencoderConfig, ConfigError, TextConfig, from_dict
 from vdit.diffusion.text_to_video import TextToVideo
 from vdit.models.autoencoder import SpaceToDepth
 from vdit.models.dit import DiT, DiTBlock
@@ -30,11 +30,11 @@ def test_patchify_round_trip(patch):
 
 
 def test_space_to_depth_is_lossless():
-    ae = SpaceToDepth((2, 4, 4))
+    ae = SpaceToDepth(AutoencoderConfig(kind="space_to_depth", factors=(2, 4, 4)))
     x = jax.random.uniform(jax.random.key(1), (1, 4, 16, 8, 3))
-    z = ae.encode(x)
+    z = ae.encode({}, x)
     assert z.shape == (1, 2, 4, 2, 96)
-    np.testing.assert_array_equal(ae.decode(z), x)
+    np.testing.assert_array_equal(ae.decode({}, z), x)
 
 
 def test_rope_scores_depend_only_on_relative_position():

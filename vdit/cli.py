@@ -36,6 +36,44 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_ae(args: argparse.Namespace) -> int:
+    from vdit.config import AUTOENCODER_CONFIG
+    from vdit.train.autoencoder_system import AutoencoderSystem
+    from vdit.train.loop import train
+
+    config = args.config
+    if config is None or ("=" in config and not Path(config).exists()):
+        args.overrides = ([config] if config else []) + list(args.overrides)
+        config = str(AUTOENCODER_CONFIG)
+    cfg = _load(config, args.overrides)
+    train(cfg, system=AutoencoderSystem(cfg))
+    return 0
+
+
+def _cmd_eval_ae(args: argparse.Namespace) -> int:
+    import json
+
+    from vdit.eval.autoencoder_eval import evaluate_autoencoder
+
+    result = evaluate_autoencoder(args.path, clips=args.clips, batch=args.batch, out=args.out)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{args.path}: {result['clips']} held-out clips of {result['video']} (T, H, W), "
+              f"factors {result['factors']} -> latent {result['latent']}")
+        print(f"  PSNR {result['psnr_db']:.2f} dB (min {result['psnr_db_min']:.2f}), "
+              f"SSIM {result['ssim']:.4f} (min {result['ssim_min']:.4f})")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from vdit.export.run_export import export_run
+
+    out = export_run(args.run_dir, to=args.to, out=args.out, raw=args.raw, step=args.step)
+    print(out)
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     import json
 
@@ -49,19 +87,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _cmd_sample(args: argparse.Namespace) -> int:
     from vdit.sample.generate import Marking, default_key, sample_run
-    from vdit.train.run_dir import load_run
+    from vdit.train.run_dir import load_for_sampling
 
     if args.no_watermark:
         print("WARNING: --no-watermark: these videos carry NO invisible watermark and cannot be "
               "detected as AI-generated from their pixels; their sidecars record this.",
               file=sys.stderr)
-    cfg, system, state = load_run(args.run_dir, args.step)
+    cfg, system, params, stats, step = load_for_sampling(args.run_dir, args.step, args.raw)
     out = Path(args.out) if args.out else Path(args.run_dir) / "samples"
     marking = Marking(watermark=not args.no_watermark, key=args.watermark_key or default_key(),
-                      run_id=f"{Path(args.run_dir).resolve().name}@{int(state.step)}",
+                      run_id=f"{Path(args.run_dir).resolve().name}@{step}",
                       c2pa_cert=args.c2pa_cert, c2pa_key=args.c2pa_key)
-    params = state.params if args.raw else state.ema_params
-    paths = sample_run(cfg, system, params, state.stats, out, args.prompt or None, args.num,
+    paths = sample_run(cfg, system, params, stats, out, args.prompt or None, args.num,
                        args.seed, marking)
     for p in paths:
         print(p)
@@ -110,6 +147,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200")
     p.set_defaults(func=_cmd_train)
 
+    p = sub.add_parser("train-ae", help="train the causal video autoencoder (resumes "
+                       "automatically)")
+    p.add_argument("config", nargs="?", default=None,
+                   help="YAML config (default: experiments/autoencoder.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200")
+    p.set_defaults(func=_cmd_train_ae)
+
+    p = sub.add_parser("eval-ae", help="PSNR / SSIM of a trained autoencoder on held-out clips")
+    p.add_argument("path", help="autoencoder run directory or exported autoencoder")
+    p.add_argument("--clips", type=int, default=64, help="held-out clips (default 64)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--out", default=None, help="where eval_ae.json / .gif go (default: PATH)")
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+    p.set_defaults(func=_cmd_eval_ae)
+
+    p = sub.add_parser("export", help="export a run's weights (safetensors + config.json)")
+    p.add_argument("run_dir")
+    p.add_argument("--to", choices=["safetensors"], default="safetensors")
+    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/export)")
+    p.add_argument("--raw", action="store_true", help="raw params instead of the EMA")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.set_defaults(func=_cmd_export)
+
     p = sub.add_parser("bench", help="compile and time the train step: tokens/s, MFU, memory")
     p.add_argument("config", nargs="?", default=None)
     p.add_argument("overrides", nargs="*")
@@ -119,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("sample", help="generate videos from prompts with a trained run")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a DiT run directory, or its export (vdit export)")
     p.add_argument("--prompt", action="append", help="a caption (repeatable); default: the "
                    "config's sample.prompts")
     p.add_argument("--num", type=int, default=None, help="videos per prompt")
@@ -151,11 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from vdit.config import ConfigError
+    from vdit.export.safetensors_io import ExportError
 
     _setup_jax()
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, ExportError, FileNotFoundError) as e:
         print(f"vdit {args.command}: error: {e}", file=sys.stderr)
         return 2
 

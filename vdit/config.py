@@ -19,6 +19,7 @@ import yaml
 from vdit.data.physics import WorldConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "default.yaml"
+AUTOENCODER_CONFIG = DEFAULT_CONFIG.with_name("autoencoder.yaml")  # `vdit train-ae` default
 
 
 class ConfigError(ValueError):
@@ -74,15 +75,61 @@ class TextConfig:
 
 @dataclass(frozen=True)
 class AutoencoderConfig:
-    """Pixels <-> latent. `space_to_depth` is a lossless stand-in for a learned autoencoder."""
+    """Pixels <-> latent: the learned causal VAE (vdit/models/causal_vae.py), or `space_to_depth`,
+    a lossless parameter-free stand-in used by fast tests.
 
-    kind: Literal["space_to_depth"] = "space_to_depth"
-    factors: tuple[int, int, int] = (1, 4, 4)  # (time, height, width) compression
+    A DiT config names the trained autoencoder in `checkpoint` (an autoencoder run directory or
+    an exported `.safetensors` file); its architecture fields must match that checkpoint's.
+    """
+
+    kind: Literal["causal_vae", "space_to_depth"] = "causal_vae"
+    factors: tuple[int, int, int] = (4, 8, 8)  # (time, height, width) compression
+    latent_channels: int = 16
+    stem: int = 2  # pixels folded into channels before the first convolution (s x s)
+    channels: tuple[int, ...] = (32, 64, 128, 128)  # widths: stem, then after each downsampling
+    res_blocks: int = 1  # residual blocks per level
+    checkpoint: str = ""  # the trained autoencoder a DiT uses
+    # Training (vdit train-ae): L1 + mse_weight MSE + ssim_weight (1 - SSIM) + kl_weight KL
+    # (+ adversarial). MSE keeps small bright objects from being traded for the background,
+    # which L1 alone does early in training (measured on the physics world).
+    kl_weight: float = 1e-6
+    mse_weight: float = 1.0
+    ssim_weight: float = 0.2
+    disc_weight: float = 0.0  # 0 switches the 3D patch discriminator off
+    disc_start: int = 2000  # steps of warm-up before the discriminator's loss counts
+    # Tiled encode/decode (long or large videos): time chunks and blended spatial tiles.
+    chunk_frames: int = 16  # video frames per chunk after the first frame
+    tile: int = 256  # spatial tile edge in pixels
+    tile_overlap: int = 64  # pixels shared by neighbouring tiles, blended linearly
 
     def validate(self) -> list[str]:
-        if any(f < 1 for f in self.factors):
-            return [f"factors: every entry must be >= 1, got {self.factors}"]
-        return []
+        p: list[str] = []
+        if any(f < 1 or f & (f - 1) for f in self.factors):
+            p.append(f"factors: every entry must be a power of two, got {self.factors}")
+        if self.kind != "causal_vae" or p:
+            return p
+        ft, fh, fw = self.factors
+        if fh != fw:
+            p.append(f"factors: height and width compression must agree, got {self.factors}")
+        elif self.stem < 1 or fh % self.stem or (fh // self.stem) & (fh // self.stem - 1):
+            p.append(f"stem: must divide factors[1]={fh} by a power of two, got {self.stem}")
+        elif ft > fh // self.stem:
+            p.append(f"factors: time compression {ft} needs at least log2({ft}) spatial "
+                     f"downsamplings after the stem (factors[1] / stem = {fh // self.stem})")
+        if not self.channels or any(c < 1 for c in self.channels):
+            p.append(f"channels: must be a non-empty list of positive widths, got {self.channels}")
+        p += _positive(self, "latent_channels", "res_blocks", "chunk_frames", "tile")
+        weights = ("kl_weight", "mse_weight", "ssim_weight", "disc_weight", "disc_start",
+                   "tile_overlap")
+        p += [f"{n}: must be >= 0, got {getattr(self, n)}" for n in weights
+              if getattr(self, n) < 0]
+        if self.chunk_frames % ft:
+            p.append(f"chunk_frames: must be a multiple of factors[0]={ft}, got "
+                     f"{self.chunk_frames}")
+        if self.tile % fh or self.tile_overlap % fh or self.tile_overlap >= self.tile:
+            p.append(f"tile, tile_overlap: must be multiples of {fh} with overlap < tile, got "
+                     f"{self.tile}, {self.tile_overlap}")
+        return p
 
 
 @dataclass(frozen=True)
@@ -226,23 +273,35 @@ class Config:
                 "data.source 'physics' supplies caption tokens (use 'transformer')"
             )
         # Cross-section checks: the video must cut evenly into latents, the latents into patches.
-        w, ae, p = self.data.world, self.autoencoder.factors, self.model.patch
-        for axis, size, f, pp in zip("thw", (w.frames, w.height, w.width), ae, p, strict=True):
-            if size % f:
+        w, ae, p = self.data.world, self.autoencoder, self.model.patch
+        causal = ae.kind == "causal_vae"
+        if causal and (w.frames - 1) % ae.factors[0]:
+            problems.append(
+                f"data.world.frames: the causal autoencoder needs 1 + {ae.factors[0]}k frames "
+                f"(factors[0]={ae.factors[0]}), got {w.frames}"
+            )
+        latent = self.latent_shape()
+        for axis, size, f, lat, pp in zip(
+            "thw", (w.frames, w.height, w.width), ae.factors, latent[:3], p, strict=True
+        ):
+            if size % f and not (causal and axis == "t"):
                 problems.append(
                     f"autoencoder.factors: data.world size {size} along {axis} is not "
                     f"divisible by factor {f}"
                 )
-            elif (size // f) % pp:
+            elif lat % pp:
                 problems.append(
-                    f"model.patch: latent size {size // f} along {axis} is not divisible by "
+                    f"model.patch: latent size {lat} along {axis} is not divisible by "
                     f"patch {pp}"
                 )
         return problems
 
     def latent_shape(self) -> tuple[int, int, int, int]:
-        """(T', H', W', C) of one clip's latent."""
-        w, (ft, fh, fw) = self.data.world, self.autoencoder.factors
+        """(T', H', W', C) of one clip's latent: T' = 1 + (T - 1) / ft for the causal VAE."""
+        w, ae = self.data.world, self.autoencoder
+        ft, fh, fw = ae.factors
+        if ae.kind == "causal_vae":
+            return (1 + (w.frames - 1) // ft, w.height // fh, w.width // fw, ae.latent_channels)
         return (w.frames // ft, w.height // fh, w.width // fw, 3 * ft * fh * fw)
 
     def num_tokens(self) -> int:

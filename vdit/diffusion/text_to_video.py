@@ -1,10 +1,14 @@
 """The text-to-video system: autoencoder + tokenizer + DiT + rectified flow, as pure functions.
 
 Pixels are uint8 [B, T, H, W, 3]; the DiT works on latents normalised per channel with the
-training data's statistics (`stats = {"mean": [C], "std": [C]}`), which travel with the params.
+training data's statistics. `stats = {"mean": [C], "std": [C], "autoencoder": params}` travels
+with the DiT's params: the frozen autoencoder's params are part of every DiT checkpoint, so a
+checkpoint alone samples videos.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +21,7 @@ from vdit.models.autoencoder import make_autoencoder
 from vdit.models.dit import DiT
 from vdit.models.text import null_tokens_like, physics_tokenizer
 
-Stats = dict[str, jax.Array]
+Stats = dict[str, Any]
 
 
 def to_float(video: jax.Array) -> jax.Array:
@@ -32,6 +36,9 @@ def to_uint8(video: jax.Array) -> jax.Array:
 
 class TextToVideo:
     """Holds the static parts (modules, shapes); every method is a pure function of its inputs."""
+
+    kind = "dit"
+    primary_metric = ("loss", "", "lower")  # what progress lines and summaries report
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -52,19 +59,31 @@ class TextToVideo:
         return self.dit.init(key, *self.dummy_inputs())
 
     # --- latents ---------------------------------------------------------------------------
-    def latent_stats(self, videos: np.ndarray) -> Stats:
-        """Per-channel mean and std of the latents of uint8 videos [B, T, H, W, 3]."""
-        lat = self.autoencoder.encode(to_float(jnp.asarray(videos)))
+    def initial_stats(self, videos: np.ndarray) -> Stats:
+        """Latent statistics and autoencoder params: from the trained autoencoder named by
+        `autoencoder.checkpoint`, or measured on uint8 videos [B, T, H, W, 3] for the
+        parameter-free stand-in."""
+        if self.cfg.autoencoder.kind == "causal_vae":
+            from vdit.train.run_dir import load_autoencoder
+
+            ae_cfg, params, stats = load_autoencoder(self.cfg.autoencoder.checkpoint)
+            check_autoencoder_matches(self.cfg.autoencoder, ae_cfg.autoencoder)
+            return {"mean": jnp.asarray(stats["mean"]), "std": jnp.asarray(stats["std"]),
+                    "autoencoder": jax.tree.map(jnp.asarray, params)}
+        lat = self.autoencoder.encode({}, to_float(jnp.asarray(videos)))
         axes = tuple(range(lat.ndim - 1))
-        return {"mean": lat.mean(axes), "std": jnp.maximum(lat.std(axes), 1e-3)}
+        return {"mean": lat.mean(axes), "std": jnp.maximum(lat.std(axes), 1e-3),
+                "autoencoder": {}}
 
     def encode(self, video: jax.Array, stats: Stats) -> jax.Array:
         """uint8 [B, T, H, W, 3] -> normalised latent [B, T', H', W', C]."""
-        return (self.autoencoder.encode(to_float(video)) - stats["mean"]) / stats["std"]
+        latent = self.autoencoder.encode(stats.get("autoencoder", {}), to_float(video))
+        return (latent - stats["mean"]) / stats["std"]
 
     def decode(self, latent: jax.Array, stats: Stats) -> jax.Array:
         """Normalised latent -> uint8 video [B, T, H, W, 3]."""
-        return to_uint8(self.autoencoder.decode(latent * stats["std"] + stats["mean"]))
+        latent = latent * stats["std"] + stats["mean"]
+        return to_uint8(self.autoencoder.decode(stats.get("autoencoder", {}), latent))
 
     # --- training objective ----------------------------------------------------------------
     def drop_captions(self, tokens: jax.Array, key: jax.Array) -> jax.Array:
@@ -72,15 +91,21 @@ class TextToVideo:
         drop = jax.random.bernoulli(key, self.cfg.diffusion.caption_dropout, (tokens.shape[0],))
         return jnp.where(drop[:, None], null_tokens_like(tokens), tokens)
 
-    def loss(self, params, batch: dict, stats: Stats, key: jax.Array) -> jax.Array:
-        """Training loss on batch {"video": uint8 [B, T, H, W, 3], "tokens": int32 [B, S]}."""
+    def loss(self, params, batch: dict, stats: Stats, key: jax.Array,
+             step: jax.Array | None = None) -> tuple[jax.Array, dict]:
+        """(loss, {}) on batch {"video": uint8 [B, T, H, W, 3], "tokens": int32 [B, S]}."""
         k_drop, k_t, k_noise = jax.random.split(key, 3)
         x0 = self.encode(batch["video"], stats)
         tokens = self.drop_captions(batch["tokens"], k_drop)
         t = sample_time(k_t, x0.shape[0], self.cfg.diffusion, self.shift)
         noise = jax.random.normal(k_noise, x0.shape)
         v = self.dit.apply({"params": params}, noisy(x0, noise, t), t, tokens)
-        return velocity_loss(v, x0, noise).mean()
+        return velocity_loss(v, x0, noise).mean(), {}
+
+    def evaluate(self, params, batch: dict, stats: Stats, key: jax.Array) -> dict:
+        """{"loss": mean over the eval timesteps, "loss_by_t": [num_t]}."""
+        by_t = self.eval_losses(params, batch, stats, key)
+        return {"loss": by_t.mean(), "loss_by_t": by_t}
 
     def eval_losses(self, params, batch: dict, stats: Stats, key: jax.Array) -> jax.Array:
         """Loss at each fixed eval timestep with fixed noise (no caption dropout): [num_t]."""
@@ -107,3 +132,17 @@ class TextToVideo:
         latent = sample_ode(velocity, noise, steps=steps, guidance=guidance, shift=self.shift,
                             method=method)
         return self.decode(latent, stats)
+
+
+ARCHITECTURE_KEYS = ("kind", "factors", "latent_channels", "stem", "channels", "res_blocks")
+
+
+def check_autoencoder_matches(wanted, found) -> None:
+    """Refuse a trained autoencoder whose architecture differs from the DiT config's section."""
+    from vdit.config import ConfigError
+
+    bad = [f"autoencoder.{k}: config {getattr(wanted, k)!r}, checkpoint {getattr(found, k)!r}"
+           for k in ARCHITECTURE_KEYS if getattr(wanted, k) != getattr(found, k)]
+    if bad:
+        raise ConfigError(f"autoencoder.checkpoint {wanted.checkpoint!r} does not match the "
+                          "config:\n  " + "\n  ".join(bad))

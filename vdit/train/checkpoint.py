@@ -42,6 +42,15 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         return out["state"], dict(out["meta"])
 
+    def restore_raw(self, step: int | None = None) -> tuple[dict, dict]:
+        """The saved state as nested dicts of numpy arrays, without a target structure."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+        return jax.device_get(out["state"]), dict(out["meta"])
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

@@ -1,7 +1,8 @@
-"""`vdit train`: the training loop around the pure train_step.
+"""`vdit train` and `vdit train-ae`: the one training loop around the pure train_step.
 
 Data (Grain) -> sharded global batch -> jitted, donated train_step -> metrics one step late (so
-the host never waits on the device) -> periodic eval, orbax checkpoints -> samples at the end.
+the host never waits on the device) -> periodic eval, orbax checkpoints -> samples (DiT) or a
+reconstruction GIF (autoencoder) at the end. What is trained is the `system`.
 """
 
 from __future__ import annotations
@@ -15,46 +16,68 @@ from tqdm import tqdm
 
 from vdit.config import Config, to_dict
 from vdit.data.pipeline import fixed_batch, train_iterator
+from vdit.models.text import physics_tokenizer
 from vdit.scaling.flops import train_flops_per_step
 from vdit.train.checkpoint import Checkpointer
 from vdit.train.metrics import MetricsWriter, plot_losses, read_metrics
 from vdit.train.run_dir import check_resume_compatible, save_config
-from vdit.train.state import TrainState, count_params
+from vdit.train.state import System, TrainState, count_params
 from vdit.train.throughput import device_peak
 from vdit.train.trainer import build_trainer
 
 
 def _evaluate(eval_fn, state: TrainState, eval_batch: dict, key) -> dict:
-    raw = np.asarray(eval_fn(state.params, eval_batch, state.stats, key))
-    ema = np.asarray(eval_fn(state.ema_params, eval_batch, state.stats, key))
-    return {"eval_loss": float(raw.mean()), "eval_loss_ema": float(ema.mean()),
-            "eval_loss_by_t": raw.round(5).tolist()}
+    """The system's eval metrics for the raw and the EMA params: eval_NAME, eval_NAME_ema."""
+    out = {}
+    for suffix, params in (("", state.params), ("_ema", state.ema_params)):
+        for name, value in jax.device_get(eval_fn(params, eval_batch, state.stats, key)).items():
+            value = np.asarray(value)
+            rounded = float(value) if value.ndim == 0 else value.round(5).tolist()
+            out[f"eval_{name}{suffix}"] = rounded
+    return out
 
 
-def _summarise(records: list[dict], run_dir: Path, log) -> dict:
-    evals = [r for r in records if "eval_loss" in r]
+def _describe(system: System, ev: dict) -> str:
+    name, unit, _ = system.primary_metric
+    unit = f" {unit}" if unit else ""
+    return (f"eval {name} {ev[f'eval_{name}']:.4f}{unit} "
+            f"(EMA {ev[f'eval_{name}_ema']:.4f}{unit})")
+
+
+def _summarise(system: System, records: list[dict], run_dir: Path, log) -> dict:
+    name, unit, _ = system.primary_metric
+    key = f"eval_{name}"
+    evals = [r for r in records if key in r]
     summary: dict = {"run_dir": str(run_dir)}
     if evals:
-        start, end = evals[0]["eval_loss"], evals[-1]["eval_loss"]
-        summary.update(eval_loss_start=start, eval_loss_end=end, eval_loss_ratio=end / start)
-        log(f"eval loss: step {evals[0]['step']} = {start:.4f}, step {evals[-1]['step']} = "
-            f"{end:.4f} ({100 * end / start:.1f} % of the start)")
+        start, end = evals[0][key], evals[-1][key]
+        summary.update({f"{key}_start": start, f"{key}_end": end, f"{key}_ratio": end / start})
+        if f"{key}_ema" in evals[-1]:
+            summary[f"{key}_ema_end"] = evals[-1][f"{key}_ema"]
+        log(f"eval {name}: step {evals[0]['step']} = {start:.4f}, step {evals[-1]['step']} = "
+            f"{end:.4f}{' ' + unit if unit else ''} ({100 * end / start:.1f} % of the start)")
     return summary
 
 
-def train(cfg: Config, *, log=print) -> dict:
-    """Train (resuming from the run's latest checkpoint if there is one); returns a summary."""
+def train(cfg: Config, *, system: System | None = None, log=print) -> dict:
+    """Train `system` (default: the text-to-video DiT), resuming from the run's latest
+    checkpoint if there is one; returns a summary."""
     tc = cfg.train
     run_dir = Path(tc.run_dir)
     check_resume_compatible(run_dir, cfg)
     save_config(run_dir, cfg)
 
-    trainer = build_trainer(cfg)
-    state, tokenizer = trainer.state, trainer.system.tokenizer
+    trainer = build_trainer(cfg, system)
+    system = trainer.system
+    state, tokenizer = trainer.state, physics_tokenizer(cfg.text.max_length)
     data_iter = train_iterator(cfg.data, tokenizer, tc.batch_size, shuffle_seed=tc.seed)
     eval_batch = trainer.device_batch(
         fixed_batch(cfg.data, tokenizer, "eval", cfg.data.num_eval_clips))
     eval_key = jax.random.key(tc.seed + 1)
+    if system.kind == "autoencoder":
+        stats_videos = trainer.device_batch(
+            fixed_batch(cfg.data, tokenizer, "train", cfg.data.stats_clips))["video"]
+        stats_fn = jax.jit(system.latent_stats)
     writer = MetricsWriter(run_dir, tc.tensorboard)
     ckpt = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints,
                         async_save=tc.async_checkpoint)
@@ -71,24 +94,32 @@ def train(cfg: Config, *, log=print) -> dict:
         t0 = time.perf_counter()
         compiled = trainer.step_fn.lower(state, batch).compile()
         compile_s = time.perf_counter() - t0
-        # Analytic count: XLA's cost analysis counts a scanned layer stack only once.
-        flops = train_flops_per_step(cfg)
+        # Analytic count for the DiT: XLA's cost analysis counts a scanned layer stack only once.
+        flops = (train_flops_per_step(cfg) if system.kind == "dit"
+                 else compiled.cost_analysis()["flops"])
         peak, peak_src = device_peak()
         peak *= jax.device_count()
-        tokens_per_step = tc.batch_size * cfg.num_tokens()
-        log(f"model: {count_params(state.params) / 1e6:.2f} M params, "
-            f"{cfg.num_tokens()} tokens/clip, latent {cfg.latent_shape()}, "
-            f"time shift {trainer.system.shift:.2f}")
+        t_, h_, w_, _ = cfg.latent_shape()  # the autoencoder counts latent positions
+        tokens_per_step = tc.batch_size * (cfg.num_tokens() if system.kind == "dit"
+                                           else t_ * h_ * w_)
+        if system.kind == "dit":
+            log(f"model: {count_params(state.params) / 1e6:.2f} M params, "
+                f"{cfg.num_tokens()} tokens/clip, latent {cfg.latent_shape()}, "
+                f"time shift {system.shift:.2f}")
+        else:
+            log(f"autoencoder: {count_params(state.params) / 1e6:.2f} M params, video "
+                f"{system.video_shape} -> latent {cfg.latent_shape()}")
         log(f"train step: compiled in {compile_s:.1f} s, {flops / 1e9:.1f} GFLOP/step; peak "
             f"{peak / 1e9:.0f} GFLOP/s on {jax.device_count()} device(s) ({peak_src})")
 
         if start == 0:
             ev = _evaluate(trainer.eval_fn, state, eval_batch, eval_key)
             writer.write(0, ev)
-            log(f"step 0: eval loss {ev['eval_loss']:.4f}")
+            log(f"step 0: {_describe(system, ev)}")
 
         def meta() -> dict:
-            return {"data_iterator": data_iter.get_state(), "config": to_dict(cfg)}
+            return {"data_iterator": data_iter.get_state(), "config": to_dict(cfg),
+                    "system": system.kind}
 
         pbar = tqdm(total=tc.steps, initial=start, desc="train", dynamic_ncols=True,
                     mininterval=1.0)
@@ -120,10 +151,11 @@ def train(cfg: Config, *, log=print) -> dict:
             if done % tc.eval_every == 0 or done == tc.steps:
                 ev = _evaluate(trainer.eval_fn, state, eval_batch, eval_key)
                 writer.write(done, ev)
-                pbar.write(f"step {done}: eval loss {ev['eval_loss']:.4f} "
-                           f"(EMA {ev['eval_loss_ema']:.4f})")
+                pbar.write(f"step {done}: {_describe(system, ev)}")
                 window_t, window_steps = time.perf_counter(), 0  # keep eval out of step time
             if done % tc.checkpoint_every == 0 or done == tc.steps:
+                if system.kind == "autoencoder":  # latent statistics travel with each checkpoint
+                    state = state.replace(stats=stats_fn(state.ema_params, stats_videos))
                 ckpt.save(done, state, meta())
         pbar.close()
         if pending is not None:
@@ -133,9 +165,17 @@ def train(cfg: Config, *, log=print) -> dict:
 
         records = read_metrics(writer.path)
         plot_losses(records, run_dir / "loss.png")
-        summary = _summarise(records, run_dir, log)
+        summary = _summarise(system, records, run_dir, log)
         summary["compile_s"] = compile_s
-        if tc.sample_at_end:
+        if system.kind == "autoencoder":
+            from vdit.data.video_io import write_gif
+            from vdit.train.autoencoder_system import side_by_side
+
+            frames = side_by_side(system, state.ema_params, eval_batch["video"][:4])
+            gif = write_gif(run_dir / "reconstructions.gif", frames, cfg.data.world.fps)
+            log(f"reconstructions (original | reconstruction): {gif}")
+            summary["reconstructions"] = str(gif)
+        elif tc.sample_at_end:
             from vdit.sample.generate import Marking, sample_run
 
             marking = Marking(run_id=f"{run_dir.resolve().name}@{tc.steps}")

@@ -56,3 +56,70 @@ def load_run(
         state, _ = ckpt.restore(trainer.state, step)
     ckpt.close()
     return cfg, trainer.system, state
+
+
+def load_for_sampling(path: str | Path, step: int | None = None, raw: bool = False):
+    """(config, system, params, stats, step) of a DiT run directory or a DiT export: what
+    `vdit sample` needs. An export holds the params it was made with (EMA or raw)."""
+    from vdit.export.safetensors_io import is_export, read_export
+
+    path = Path(path)
+    if is_export(path):
+        tensors, info = read_export(path)
+        if info.get("kind") != "dit":
+            raise ConfigError(f"{path} exports a {info.get('kind')!r}, not a text-to-video DiT")
+        cfg = config_lib.from_dict(info["config"])
+        system = TextToVideo(cfg)
+        check_params_match(system, tensors["params"], path)
+        return cfg, system, tensors["params"], tensors["stats"], int(info["step"])
+    cfg, system, state = load_run(path, step)
+    return cfg, system, state.params if raw else state.ema_params, state.stats, int(state.step)
+
+
+def check_params_match(system, params: dict, where: Path) -> None:
+    """Refuse weights whose names or shapes differ from what the config's model expects."""
+    import flax.linen as nn
+    import jax
+
+    from vdit.export.safetensors_io import ExportError, flat_leaves
+
+    abstract = nn.unbox(jax.eval_shape(system.init, jax.random.key(0)))["params"]
+    expected = {k: tuple(v.shape) for k, v in flat_leaves(abstract).items()}
+    found = {k: tuple(v.shape) for k, v in flat_leaves(params).items()}
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    wrong = [f"{k}: expected shape {expected[k]}, found {found[k]}"
+             for k in sorted(set(expected) & set(found)) if expected[k] != found[k]]
+    if missing or extra or wrong:
+        lines = ([f"missing {k}" for k in missing[:5]] + [f"unexpected {k}" for k in extra[:5]]
+                 + wrong[:5])
+        raise ExportError(f"{where}: the weights do not match the config's model:\n  "
+                          + "\n  ".join(lines))
+
+
+def load_autoencoder(path: str | Path) -> tuple[Config, dict, dict]:
+    """(its config, EMA params, latent stats {"mean", "std"}) of a trained autoencoder, from
+    an autoencoder run directory (latest checkpoint) or an exported directory (`vdit export`)."""
+    from vdit.export.safetensors_io import is_export, read_export
+
+    if not path:
+        raise ConfigError("autoencoder.checkpoint: a causal_vae autoencoder needs a trained "
+                          "checkpoint (train one with `vdit train-ae`); or set "
+                          "autoencoder.kind=space_to_depth")
+    path = Path(path)
+    if is_export(path):
+        tensors, info = read_export(path)
+        if info.get("kind") != "autoencoder":
+            raise ConfigError(f"autoencoder.checkpoint: {path} exports a {info.get('kind')!r}, "
+                              "not an autoencoder")
+        return config_lib.from_dict(info["config"]), tensors["params"], tensors["stats"]
+    if not (path / "config.yaml").exists():
+        raise ConfigError(f"autoencoder.checkpoint: {path} is neither an autoencoder run "
+                          "directory nor an exported autoencoder")
+    cfg = config_lib.load_config(path / "config.yaml")
+    ckpt = Checkpointer(path / "checkpoints", async_save=False)
+    if ckpt.latest_step() is None:
+        raise ConfigError(f"autoencoder.checkpoint: {path} has no checkpoint yet")
+    state, _ = ckpt.restore_raw()
+    ckpt.close()
+    return cfg, state["ema_params"]["vae"], state["stats"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import flax.linen as nn
 import flax.struct
@@ -12,8 +12,25 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vdit.config import TrainConfig
-from vdit.diffusion.text_to_video import Stats, TextToVideo
 from vdit.parallel.rules import Rules
+
+Stats = dict[str, Any]
+
+
+class System(Protocol):
+    """What the training loop needs from a trainable system (TextToVideo, AutoencoderSystem).
+
+    `stats` are values that travel with the params without being trained: latent statistics,
+    and for a DiT the frozen autoencoder's params."""
+
+    kind: str  # "dit" | "autoencoder"
+    primary_metric: tuple[str, str, str]  # (eval metric, unit, "lower" | "higher" is better)
+
+    def init(self, key: jax.Array) -> Any: ...
+    def initial_stats(self, videos: Any) -> Stats: ...
+    def loss(self, params, batch: dict, stats: Stats, key: jax.Array,
+             step: jax.Array) -> tuple[jax.Array, dict]: ...
+    def evaluate(self, params, batch: dict, stats: Stats, key: jax.Array) -> dict: ...
 
 
 @flax.struct.dataclass
@@ -23,7 +40,7 @@ class TrainState:
     ema_params: Any
     opt_state: Any
     rng: jax.Array  # uint32 raw key data; the step's key is fold_in(rng, step)
-    stats: Stats  # per-channel latent mean / std, float32 [C]
+    stats: Stats  # untrained values that travel with the params (see System)
 
 
 def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
@@ -45,14 +62,14 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     )
 
 
-def param_shardings(system: TextToVideo, mesh: Mesh, rules: Rules):
+def param_shardings(system: System, mesh: Mesh, rules: Rules):
     """NamedShardings of the (unboxed) params from their logical axis names."""
     boxed = jax.eval_shape(system.init, jax.random.key(0))
     specs = nn.get_partition_spec(boxed)["params"]
     return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
-def create_state(system: TextToVideo, tx: optax.GradientTransformation, seed: int, stats: Stats,
+def create_state(system: System, tx: optax.GradientTransformation, seed: int, stats: Stats,
                  mesh: Mesh, rules: Rules) -> TrainState:
     """A fresh TrainState, created sharded: params follow the logical-axis table."""
     p_shard = param_shardings(system, mesh, rules)

@@ -7,19 +7,19 @@ import jax.numpy as jnp
 import optax
 
 from vdit.config import TrainConfig
-from vdit.diffusion.text_to_video import TextToVideo
-from vdit.train.state import TrainState, lr_schedule
+from vdit.train.state import System, TrainState, lr_schedule
 
 
-def train_step(state: TrainState, batch: dict, *, system: TextToVideo,
+def train_step(state: TrainState, batch: dict, *, system: System,
                tx: optax.GradientTransformation, cfg: TrainConfig):
     """One AdamW update on batch {"video": uint8 [B, T, H, W, 3], "tokens": int32 [B, S]}.
 
-    Randomness (caption dropout, t, noise) comes from fold_in(state.rng, step), so a resumed run
-    draws exactly what an uninterrupted one would.
+    Randomness (caption dropout, t, noise, posterior samples) comes from fold_in(state.rng, step),
+    so a resumed run draws exactly what an uninterrupted one would.
     """
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    loss, grads = jax.value_and_grad(system.loss)(state.params, batch, state.stats, key)
+    (loss, aux), grads = jax.value_and_grad(system.loss, has_aux=True)(
+        state.params, batch, state.stats, key, state.step)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # EMA with a warm-up, so early averages are not dominated by the random init.
@@ -27,12 +27,12 @@ def train_step(state: TrainState, batch: dict, *, system: TextToVideo,
     decay = jnp.minimum(cfg.ema_decay, (1.0 + step) / (10.0 + step))
     ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, params)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-               "lr": lr_schedule(cfg)(state.step)}
+               "lr": lr_schedule(cfg)(state.step), **aux}
     new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,
                               opt_state=opt_state)
     return new_state, metrics
 
 
-def eval_step(params, batch: dict, stats, key: jax.Array, *, system: TextToVideo) -> jax.Array:
-    """Losses at the fixed eval timesteps on a fixed batch with fixed noise: [num_t]."""
-    return system.eval_losses(params, batch, stats, key)
+def eval_step(params, batch: dict, stats, key: jax.Array, *, system: System) -> dict:
+    """The system's eval metrics on a fixed batch with fixed randomness: {name: array}."""
+    return system.evaluate(params, batch, stats, key)

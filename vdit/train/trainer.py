@@ -17,9 +17,10 @@ from jax.sharding import Mesh, NamedSharding
 from vdit.config import Config
 from vdit.data.pipeline import fixed_batch
 from vdit.diffusion.text_to_video import TextToVideo
+from vdit.models.text import physics_tokenizer
 from vdit.parallel.mesh import batch_sharding, make_mesh
 from vdit.parallel.rules import Rules, get_rules
-from vdit.train.state import TrainState, create_state, make_optimizer, state_shardings
+from vdit.train.state import System, TrainState, create_state, make_optimizer, state_shardings
 from vdit.train.step import eval_step, train_step
 
 
@@ -28,12 +29,12 @@ class Trainer:
     cfg: Config
     mesh: Mesh
     rules: Rules
-    system: TextToVideo
+    system: System
     tx: optax.GradientTransformation
     state: TrainState
     batch_sharding: NamedSharding
     step_fn: Any  # jitted (state, batch) -> (state, metrics), state donated
-    eval_fn: Any  # jitted (params, batch, stats, key) -> [num eval timesteps]
+    eval_fn: Any  # jitted (params, batch, stats, key) -> {metric: array}
 
     def device_batch(self, host: dict) -> dict:
         """Host-local numpy batch -> global jax.Arrays sharded over the batch axes."""
@@ -47,15 +48,17 @@ class Trainer:
             yield
 
 
-def build_trainer(cfg: Config) -> Trainer:
-    """A fresh sharded TrainState (latent stats from `data.stats_clips` training clips) and the
-    jitted step. Restoring a checkpoint into `trainer.state` is the caller's choice."""
+def build_trainer(cfg: Config, system: System | None = None) -> Trainer:
+    """A fresh sharded TrainState (stats from `data.stats_clips` training clips) and the jitted
+    step, for `system` (default: the text-to-video DiT). Restoring a checkpoint into
+    `trainer.state` is the caller's choice."""
     mesh, rules = make_mesh(cfg.mesh), get_rules(cfg.mesh.rules)
-    system = TextToVideo(cfg)
+    system = system if system is not None else TextToVideo(cfg)
     tx = make_optimizer(cfg.train)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        videos = fixed_batch(cfg.data, system.tokenizer, "train", cfg.data.stats_clips)["video"]
-        stats = system.latent_stats(videos)
+        videos = fixed_batch(cfg.data, physics_tokenizer(cfg.text.max_length), "train",
+                             cfg.data.stats_clips)["video"]
+        stats = system.initial_stats(videos)
         state = create_state(system, tx, cfg.train.seed, stats, mesh, rules)
     shardings = state_shardings(state)
     b_shard = batch_sharding(mesh)

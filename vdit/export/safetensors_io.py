@@ -1,0 +1,97 @@
+"""Parameter exports as safetensors: `model.safetensors` + `config.json`, loadable without vdit.
+
+Tensors have flat, readable names (`params/encoder/stem/kernel`, `stats/mean`): the pytree's
+dict keys joined by "/". `config.json` holds the vdit config the weights belong to, the source
+step, the vdit version and the SHA-256 of every file, which `read_export` verifies. Nothing is
+pickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+
+
+class ExportError(ValueError):
+    """An export that cannot be loaded: missing files, failed checksums, mismatched shapes."""
+
+
+def flat_leaves(tree) -> dict[str, object]:
+    """Nested dicts -> {"a/b/c": leaf}, leaves untouched (arrays or shape structs)."""
+    import jax
+
+    pairs = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(k.key) for k in path): leaf for path, leaf in pairs}
+
+
+def flatten(tree: dict) -> dict[str, np.ndarray]:
+    """Nested dict of arrays -> {"a/b/c": numpy array}."""
+    return {name: np.asarray(leaf) for name, leaf in flat_leaves(tree).items()}
+
+
+def unflatten(flat: dict[str, np.ndarray]) -> dict:
+    tree: dict = {}
+    for name, value in flat.items():
+        node = tree
+        *parents, leaf = name.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_export(out_dir: str | Path, tensors: dict, info: dict[str, Any]) -> Path:
+    """Write tensors (a nested dict of arrays) and `info` (JSON-able: kind, config, step...)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / (WEIGHTS + ".part")
+    save_file(flatten(tensors), str(tmp))
+    tmp.replace(out / WEIGHTS)
+    from vdit import __version__
+
+    meta = {**info, "vdit_version": __version__, "sha256": {WEIGHTS: sha256(out / WEIGHTS)}}
+    tmp = out / (CONFIG + ".part")
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
+    tmp.replace(out / CONFIG)
+    return out
+
+
+def is_export(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / CONFIG).is_file() and (path / WEIGHTS).exists()
+
+
+def read_export(path: str | Path) -> tuple[dict, dict]:
+    """(tensors as a nested dict of numpy arrays, info) after verifying the checksums."""
+    path = Path(path)
+    if not is_export(path):
+        raise ExportError(f"{path} is not a vdit export (needs {CONFIG} and {WEIGHTS})")
+    try:
+        info = json.loads((path / CONFIG).read_text())
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{path / CONFIG} is not valid JSON: {e}") from None
+    expected = info.get("sha256", {}).get(WEIGHTS)
+    actual = sha256(path / WEIGHTS)
+    if expected != actual:
+        raise ExportError(f"{path / WEIGHTS}: SHA-256 {actual[:16]}... does not match "
+                          f"{CONFIG}'s {str(expected)[:16]}...: the file is corrupt or altered")
+    try:
+        flat = load_file(str(path / WEIGHTS))
+    except Exception as e:  # safetensors raises its own error types for malformed headers
+        raise ExportError(f"{path / WEIGHTS} cannot be read: {e}") from None
+    return unflatten(flat), info
