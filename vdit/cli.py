@@ -162,10 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.set_defaults(func=_cmd_eval_ae)
 
-    p = sub.add_parser("export", help="export a run's weights (safetensors + config.json)")
+    p = sub.add_parser("export", help="export a run: safetensors, a StableHLO sampler, or a "
+                       "param-only checkpoint")
     p.add_argument("run_dir")
-    p.add_argument("--to", choices=["safetensors"], default="safetensors")
-    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/export)")
+    p.add_argument("--to", choices=["safetensors", "stablehlo", "params"], default="safetensors",
+                   help="safetensors: weights + config.json; stablehlo: also the generation "
+                   "function (jax.export, cpu/cuda/tpu); params: a param-only orbax checkpoint "
+                   "on one host")
+    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/export_TO)")
     p.add_argument("--raw", action="store_true", help="raw params instead of the EMA")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.set_defaults(func=_cmd_export)

@@ -89,10 +89,11 @@ class AutoencoderConfig:
     channels: tuple[int, ...] = (32, 64, 128, 128)  # widths: stem, then after each downsampling
     res_blocks: int = 1  # residual blocks per level
     checkpoint: str = ""  # the trained autoencoder a DiT uses
-    # Training (vdit train-ae): L1 + mse_weight MSE + ssim_weight (1 - SSIM) + kl_weight KL
-    # (+ adversarial). MSE keeps small bright objects from being traded for the background,
-    # which L1 alone does early in training (measured on the physics world).
+    # Training (vdit train-ae): l1_weight L1 + mse_weight MSE + ssim_weight (1 - SSIM)
+    # + kl_weight KL (+ adversarial). MSE keeps small bright objects from being traded for the
+    # background, which L1 alone does early in training (measured on the physics world).
     kl_weight: float = 1e-6
+    l1_weight: float = 1.0
     mse_weight: float = 1.0
     ssim_weight: float = 0.2
     disc_weight: float = 0.0  # 0 switches the 3D patch discriminator off
@@ -119,8 +120,8 @@ class AutoencoderConfig:
         if not self.channels or any(c < 1 for c in self.channels):
             p.append(f"channels: must be a non-empty list of positive widths, got {self.channels}")
         p += _positive(self, "latent_channels", "res_blocks", "chunk_frames", "tile")
-        weights = ("kl_weight", "mse_weight", "ssim_weight", "disc_weight", "disc_start",
-                   "tile_overlap")
+        weights = ("kl_weight", "l1_weight", "mse_weight", "ssim_weight", "disc_weight",
+                   "disc_start", "tile_overlap")
         p += [f"{n}: must be >= 0, got {getattr(self, n)}" for n in weights
               if getattr(self, n) < 0]
         if self.chunk_frames % ft:

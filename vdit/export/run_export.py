@@ -1,22 +1,26 @@
-"""`vdit export RUN_DIR --to safetensors`: a run's weights, loadable without orbax or vdit."""
+"""`vdit export RUN_DIR --to safetensors | stablehlo | params`: a run leaves vdit."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from vdit import config as config_lib
-from vdit.export.safetensors_io import write_export
+from vdit.export.safetensors_io import seal, write_export
 from vdit.train.checkpoint import Checkpointer
+
+ROUTES = ("safetensors", "stablehlo", "params")
 
 
 def export_run(run_dir: str | Path, *, to: str = "safetensors", out: str | Path | None = None,
                raw: bool = False, step: int | None = None) -> Path:
     """Export the EMA (or raw) params and stats of a DiT or autoencoder run; returns the folder.
 
-    An autoencoder exports its VAE params (the discriminator stays behind); a DiT exports its
-    params with the frozen autoencoder's inside `stats/autoencoder`."""
-    if to != "safetensors":
-        raise ValueError(f"--to {to!r}; allowed: safetensors")
+    safetensors: an autoencoder exports its VAE params (the discriminator stays behind); a DiT
+    its params with the frozen autoencoder's inside `stats/autoencoder`. stablehlo: the same,
+    plus the DiT's generation function as a serialized program. params: a param-only orbax
+    checkpoint, consolidated onto one host, that `vdit sample` restores anywhere."""
+    if to not in ROUTES:
+        raise ValueError(f"--to {to!r}; allowed: {', '.join(ROUTES)}")
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
         raise FileNotFoundError(f"{run_dir} is not a vdit run directory (no config.yaml)")
@@ -30,5 +34,19 @@ def export_run(run_dir: str | Path, *, to: str = "safetensors", out: str | Path 
         params = params["vae"]
     info = {"kind": kind, "config": config_lib.to_dict(cfg), "step": int(state["step"]),
             "weights": "raw" if raw else "ema"}
-    return write_export(Path(out) if out else run_dir / "export",
-                        {"params": params, "stats": state["stats"]}, info)
+    out = Path(out) if out else run_dir / f"export_{to}"
+    tensors = {"params": params, "stats": state["stats"]}
+    if to == "params":
+        from vdit.train.checkpoint import save_params
+
+        return save_params(out, tensors, info)
+    write_export(out, tensors, info)
+    if to == "stablehlo":
+        if kind != "dit":
+            raise ValueError("--to stablehlo exports a DiT's sampler; this run trains an "
+                             "autoencoder (use --to safetensors)")
+        from vdit.export.stablehlo import export_sampler
+
+        export_sampler(out)
+        seal(out)  # the program and tokenizer are checksummed with the weights
+    return out

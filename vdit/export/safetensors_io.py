@@ -64,11 +64,24 @@ def write_export(out_dir: str | Path, tensors: dict, info: dict[str, Any]) -> Pa
     tmp.replace(out / WEIGHTS)
     from vdit import __version__
 
-    meta = {**info, "vdit_version": __version__, "sha256": {WEIGHTS: sha256(out / WEIGHTS)}}
-    tmp = out / (CONFIG + ".part")
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
-    tmp.replace(out / CONFIG)
+    _write_json(out / CONFIG, {**info, "vdit_version": __version__})
+    return seal(out)
+
+
+def seal(out_dir: str | Path) -> Path:
+    """Record the SHA-256 of every file of an export (but config.json) in its config.json."""
+    out = Path(out_dir)
+    info = json.loads((out / CONFIG).read_text())
+    info["sha256"] = {p.name: sha256(p) for p in sorted(out.iterdir())
+                      if p.is_file() and p.name != CONFIG and not p.name.endswith(".part")}
+    _write_json(out / CONFIG, info)
     return out
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    tmp.replace(path)
 
 
 def is_export(path: str | Path) -> bool:
@@ -85,11 +98,17 @@ def read_export(path: str | Path) -> tuple[dict, dict]:
         info = json.loads((path / CONFIG).read_text())
     except json.JSONDecodeError as e:
         raise ExportError(f"{path / CONFIG} is not valid JSON: {e}") from None
-    expected = info.get("sha256", {}).get(WEIGHTS)
-    actual = sha256(path / WEIGHTS)
-    if expected != actual:
-        raise ExportError(f"{path / WEIGHTS}: SHA-256 {actual[:16]}... does not match "
-                          f"{CONFIG}'s {str(expected)[:16]}...: the file is corrupt or altered")
+    sums = info.get("sha256", {})
+    if WEIGHTS not in sums:
+        raise ExportError(f"{path / CONFIG} lists no SHA-256 for {WEIGHTS}")
+    for name, expected in sums.items():
+        if not (path / name).is_file():
+            raise ExportError(f"{path / name} is missing (listed in {CONFIG})")
+        actual = sha256(path / name)
+        if actual != expected:
+            raise ExportError(f"{path / name}: SHA-256 {actual[:16]}... does not match "
+                              f"{CONFIG}'s {str(expected)[:16]}...: the file is corrupt or "
+                              "altered")
     try:
         flat = load_file(str(path / WEIGHTS))
     except Exception as e:  # safetensors raises its own error types for malformed headers

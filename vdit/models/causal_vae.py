@@ -22,6 +22,8 @@ from einops import rearrange
 
 from vdit.config import AutoencoderConfig
 
+INITIAL_LOGVAR = -6.0
+
 
 class CausalConv3d(nn.Module):
     """3D convolution, causal in time. x [B, T, H, W, Cin] -> [B, T', H/s, W/s, features].
@@ -152,6 +154,10 @@ class Encoder(nn.Module):
         x = nn.silu(nn.LayerNorm(name="norm_out")(x))
         moments = CausalConv3d(2 * cfg.latent_channels, name="moments")(x)
         mean, logvar = jnp.split(moments, 2, axis=-1)
+        # The posterior std starts at exp(-3) ~ 0.05, not 1: with a small KL weight, unit noise
+        # would drown the latent and the decoder would first learn to ignore it (measured: the
+        # reconstructions lost all colour for the first thousand steps).
+        logvar = logvar + INITIAL_LOGVAR
         return _plus(mean, shortcut), jnp.clip(logvar, -30.0, 20.0)
 
 

@@ -1,6 +1,6 @@
 """The autoencoder training system (`vdit train-ae`): the causal VAE, its loss and its metrics.
 
-Loss = L1 + mse_weight * MSE + ssim_weight * (1 - SSIM) + kl_weight * KL
+Loss = l1_weight * L1 + mse_weight * MSE + ssim_weight * (1 - SSIM) + kl_weight * KL
 [+ disc_weight * adversarial after disc_start steps]. Params are {"vae": ..., ["disc": ...]}:
 one optimizer updates both, with the discriminator's gradient taken from its own hinge loss
 (the VAE's gradient never sees it).
@@ -72,7 +72,7 @@ class AutoencoderSystem:
         mse = jnp.mean((recon - x) ** 2)
         structural = jnp.mean(ssim(recon, x, data_range=2.0))
         kl = kl_divergence(mean, logvar)
-        total = (l1 + cfg.mse_weight * mse + cfg.ssim_weight * (1.0 - structural)
+        total = (cfg.l1_weight * l1 + cfg.mse_weight * mse + cfg.ssim_weight * (1.0 - structural)
                  + cfg.kl_weight * kl)
         metrics = {"l1": l1, "mse": mse, "ssim": structural, "kl": kl}
         if self.disc is not None:

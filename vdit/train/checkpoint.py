@@ -57,3 +57,33 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+PARAMS_MARKER = "vdit-params.json"  # names a param-only checkpoint folder
+
+
+def save_params(directory: str | Path, tensors: dict, info: dict) -> Path:
+    """A param-only checkpoint ({"params", "stats"} + JSON info) restorable on one host.
+
+    Written from numpy arrays, so a checkpoint sharded over many hosts and restored whole on
+    one (`restore_raw`) is consolidated here."""
+    import json
+
+    directory = Path(directory).absolute()
+    ckpt = Checkpointer(directory, keep=1, async_save=False)
+    ckpt.save(int(info.get("step", 0)), tensors, info)
+    ckpt.close()
+    (directory / PARAMS_MARKER).write_text(json.dumps(info, indent=2))
+    return directory
+
+
+def is_params_checkpoint(directory: str | Path) -> bool:
+    return (Path(directory) / PARAMS_MARKER).is_file()
+
+
+def load_params(directory: str | Path) -> tuple[dict, dict]:
+    """(tensors {"params", "stats"} as numpy, info) of a `save_params` folder."""
+    ckpt = Checkpointer(directory, async_save=False)
+    tensors, info = ckpt.restore_raw()
+    ckpt.close()
+    return tensors, info

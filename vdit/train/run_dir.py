@@ -59,31 +59,33 @@ def load_run(
 
 
 def load_for_sampling(path: str | Path, step: int | None = None, raw: bool = False):
-    """(config, system, params, stats, step) of a DiT run directory or a DiT export: what
-    `vdit sample` needs. An export holds the params it was made with (EMA or raw)."""
+    """(config, system, params, stats, step) of a DiT run directory, a safetensors export or a
+    param-only checkpoint: what `vdit sample` needs. Exports hold the params they were made with
+    (EMA or raw)."""
     from vdit.export.safetensors_io import is_export, read_export
+    from vdit.train.checkpoint import is_params_checkpoint, load_params
 
     path = Path(path)
-    if is_export(path):
-        tensors, info = read_export(path)
+    if is_export(path) or is_params_checkpoint(path):
+        tensors, info = read_export(path) if is_export(path) else load_params(path)
         if info.get("kind") != "dit":
             raise ConfigError(f"{path} exports a {info.get('kind')!r}, not a text-to-video DiT")
         cfg = config_lib.from_dict(info["config"])
         system = TextToVideo(cfg)
-        check_params_match(system, tensors["params"], path)
+        check_params_match(system.init, tensors["params"], path)
         return cfg, system, tensors["params"], tensors["stats"], int(info["step"])
     cfg, system, state = load_run(path, step)
     return cfg, system, state.params if raw else state.ema_params, state.stats, int(state.step)
 
 
-def check_params_match(system, params: dict, where: Path) -> None:
-    """Refuse weights whose names or shapes differ from what the config's model expects."""
+def check_params_match(init, params: dict, where: Path) -> None:
+    """Refuse weights whose names or shapes differ from those `init(key)["params"]` makes."""
     import flax.linen as nn
     import jax
 
     from vdit.export.safetensors_io import ExportError, flat_leaves
 
-    abstract = nn.unbox(jax.eval_shape(system.init, jax.random.key(0)))["params"]
+    abstract = nn.unbox(jax.eval_shape(init, jax.random.key(0)))["params"]
     expected = {k: tuple(v.shape) for k, v in flat_leaves(abstract).items()}
     found = {k: tuple(v.shape) for k, v in flat_leaves(params).items()}
     missing = sorted(set(expected) - set(found))
@@ -112,7 +114,12 @@ def load_autoencoder(path: str | Path) -> tuple[Config, dict, dict]:
         if info.get("kind") != "autoencoder":
             raise ConfigError(f"autoencoder.checkpoint: {path} exports a {info.get('kind')!r}, "
                               "not an autoencoder")
-        return config_lib.from_dict(info["config"]), tensors["params"], tensors["stats"]
+        cfg = config_lib.from_dict(info["config"])
+        from vdit.train.autoencoder_system import AutoencoderSystem
+
+        vae_init = lambda key: {"params": AutoencoderSystem(cfg).init(key)["params"]["vae"]}
+        check_params_match(vae_init, tensors["params"], path)
+        return cfg, tensors["params"], tensors["stats"]
     if not (path / "config.yaml").exists():
         raise ConfigError(f"autoencoder.checkpoint: {path} is neither an autoencoder run "
                           "directory nor an exported autoencoder")

@@ -1,0 +1,78 @@
+"""`vdit export RUN_DIR --to stablehlo`: the whole generation function as a serialized StableHLO
+program, with the weights beside it as safetensors.
+
+The exported function is `TextToVideo.generate` with the config's sampler settings baked in:
+
+    (params, stats, tokens int32 [b, S], key uint32 [2]) -> frames uint8 [b, T, H, W, 3]
+
+`b` is symbolic, so one file serves any batch size, and the program is lowered for cpu, cuda and
+tpu. Weights are arguments, not constants: the program stays small and the same weights file
+feeds vdit and the exported sampler. `tools/run_exported.py` runs it with jax, numpy and
+safetensors alone; `tokenizer.json` lets it turn captions into tokens without vdit.
+
+Generated frames leave the exported program unmarked: the watermark, mp4 tags and sidecar are
+added by `vdit sample`; an integrator serving the program owns marking its outputs.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vdit.diffusion.text_to_video import TextToVideo
+from vdit.export.safetensors_io import read_export
+from vdit.models.text import BOS, PAD, UNK
+
+PROGRAM, TOKENIZER = "sampler.stablehlo", "tokenizer.json"
+PLATFORMS = ("cpu", "cuda", "tpu")
+
+
+def export_sampler(export_dir: str | Path, platforms: tuple[str, ...] = PLATFORMS) -> Path:
+    """Add `sampler.stablehlo` and `tokenizer.json` to a safetensors export of a DiT."""
+    from vdit import config as config_lib
+
+    export_dir = Path(export_dir)
+    tensors, info = read_export(export_dir)
+    cfg = config_lib.from_dict(info["config"])
+    system = TextToVideo(cfg)
+    s = cfg.sample
+    fn = partial(system.generate, steps=s.steps, guidance=s.guidance, method=s.sampler)
+
+    def generate(params, stats, tokens, key_data):
+        return fn(params, tokens, stats, jax.random.wrap_key_data(key_data))
+
+    (b,) = jax.export.symbolic_shape("b")
+    spec = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    args = (spec(tensors["params"]), spec(tensors["stats"]),
+            jax.ShapeDtypeStruct((b, cfg.text.max_length), jnp.int32),
+            jax.ShapeDtypeStruct((2,), jnp.uint32))
+    exported = jax.export.export(jax.jit(generate), platforms=platforms)(*args)
+    tmp = export_dir / (PROGRAM + ".part")
+    tmp.write_bytes(exported.serialize())
+    tmp.replace(export_dir / PROGRAM)
+    t, h, w = cfg.data.world.frames, cfg.data.world.height, cfg.data.world.width
+    tok = system.tokenizer
+    (export_dir / TOKENIZER).write_text(json.dumps({
+        "words": list(tok.words), "max_length": tok.max_length, "bos": BOS, "pad": PAD,
+        "unk": UNK, "split": "lower-case, then the runs of [a-z]", "pattern": "[a-z]+",
+        "frames": [t, h, w], "fps": s.fps, "platforms": list(platforms),
+        "key": "jax.random.key_data(jax.random.fold_in(jax.random.key(seed), prompt_index))",
+    }, indent=2))
+    return export_dir / PROGRAM
+
+
+def run_exported(export_dir: str | Path, tokens: np.ndarray, key_data: np.ndarray) -> np.ndarray:
+    """Call a serialized sampler with its weights: uint8 frames [b, T, H, W, 3]."""
+    from safetensors.numpy import load_file
+
+    from vdit.export.safetensors_io import unflatten
+
+    export_dir = Path(export_dir)
+    exported = jax.export.deserialize(bytearray((export_dir / PROGRAM).read_bytes()))
+    tensors = unflatten(load_file(str(export_dir / "model.safetensors")))
+    return np.asarray(exported.call(tensors["params"], tensors["stats"], tokens, key_data))
