@@ -1,0 +1,162 @@
+"""Tokenized shards: record format, index, the Grain pipeline (shuffle, buckets, packing,
+resume, corrupt records). Tiny shapes: each test runs in about a second on 2 cores."""
+
+from __future__ import annotations
+
+import itertools
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from vdit.data.packing import efficiency, segment_mask
+from vdit.data.shard_pipeline import SKIPPED, shard_dataset
+from vdit.data.shards import (
+    ClipRecord,
+    ShardRecordError,
+    decode_record,
+    encode_record,
+    read_index,
+    read_shard,
+    shard_name,
+    write_index,
+    write_shard,
+)
+
+BUCKETS = [(2, 4, 4), (4, 4, 4), (1, 4, 8)]
+
+
+def make_record(i: int, bucket=None, dtype=ml_dtypes.bfloat16) -> ClipRecord:
+    rng = np.random.default_rng(i)
+    bucket = bucket or BUCKETS[i % len(BUCKETS)]
+    latent = rng.standard_normal((*bucket, 4)).astype(dtype)
+    latent.flat[0] = i  # the clip's identity, readable from any batch
+    return ClipRecord(latent, rng.integers(3, 50, size=1 + i % 5).astype(np.int32),
+                      f"clip {i}", f"src/{i}.mp4", 8.0, (30, 48, 64), bucket, "CC-BY-4.0")
+
+
+def write_dataset(directory, n: int = 24, per_shard: int = 8, corrupt: int = 0,
+                  bucket=None) -> dict:
+    names = [shard_name(s, (n + per_shard - 1) // per_shard)
+             for s in range((n + per_shard - 1) // per_shard)]
+    for s, name in enumerate(names):
+        write_shard(directory, name, [make_record(i, bucket) for i in range(
+            s * per_shard, min(n, (s + 1) * per_shard))])
+    if corrupt:  # replace the last shard by one with garbage records among good ones
+        from array_record.python.array_record_module import ArrayRecordWriter
+
+        first = (len(names) - 1) * per_shard
+        recs = [encode_record(make_record(i, bucket)) for i in range(first, n)]
+        for j in range(corrupt):
+            recs[j] = recs[j][: len(recs[j]) // 2] if j % 2 else b"\xc1garbage"
+        w = ArrayRecordWriter(str(directory / names[-1]), "group_size:1")
+        for r in recs:
+            w.write(r)
+        w.close()
+    return write_index(directory, names, {"latent_channels": 4})
+
+
+def clip_ids(batch: dict) -> list[int]:
+    return [int(x) for x in np.asarray(batch["latent"]).reshape(len(batch["latent"]), -1)[:, 0]
+            .astype(np.float32)]
+
+
+def test_record_round_trip_is_bit_exact(tmp_path):
+    recs = [make_record(i) for i in range(5)] + [make_record(9, dtype=np.float32)]
+    write_shard(tmp_path, "a.array_record", recs, {"zero_frames": 1})
+    index = write_index(tmp_path, ["a.array_record"], {})
+    assert index["num_records"] == 6 and index["skipped"] == {"zero_frames": 1}
+    assert sum(index["buckets"].values()) == 6
+    for raw, rec in zip(read_shard(tmp_path / "a.array_record"), recs, strict=True):
+        got = decode_record(raw)
+        assert got.latent.dtype == rec.latent.dtype and got.latent.shape == rec.latent.shape
+        assert got.latent.tobytes() == rec.latent.tobytes()
+        np.testing.assert_array_equal(got.tokens, rec.tokens)
+        assert (got.caption, got.source_id, got.fps, got.original_size, got.bucket, got.license) \
+            == (rec.caption, rec.source_id, rec.fps, rec.original_size, rec.bucket, rec.license)
+    read_index(tmp_path, verify=True)
+    with open(tmp_path / "a.array_record", "r+b") as f:  # flip one byte: the checksum sees it
+        f.seek(100)
+        b = f.read(1)
+        f.seek(100)
+        f.write(bytes([b[0] ^ 1]))
+    with pytest.raises(ValueError, match="checksums"):
+        read_index(tmp_path, verify=True)
+
+
+@pytest.mark.parametrize("data, why", [
+    (b"\xc1", "not a msgpack"), (b"\x93\x01\x02\x03", "not a map"), (b"\x80", "lacks"),
+])
+def test_malformed_records_are_named(data, why):
+    with pytest.raises(ShardRecordError, match=why):
+        decode_record(data)
+    good = encode_record(make_record(0))
+    with pytest.raises(ShardRecordError):
+        decode_record(good[:-7])
+
+
+def test_shuffle_is_deterministic_and_disjoint_across_processes(tmp_path):
+    write_dataset(tmp_path, n=24, bucket=(2, 4, 4))  # one bucket: one global order
+
+    def first_epoch(seed, process, processes):
+        ds = shard_dataset(str(tmp_path), batch=1, caption_length=8, seed=seed,
+                           process=process, processes=processes)
+        return [clip_ids(b)[0] for b in itertools.islice(iter(ds), 24 // processes)]
+
+    a = first_epoch(0, 0, 1)
+    assert a == first_epoch(0, 0, 1) and a != first_epoch(1, 0, 1)
+    parts = [first_epoch(0, p, 3) for p in range(3)]
+    assert sorted(itertools.chain(*parts)) == list(range(24))  # disjoint, and all of it
+
+
+def test_bucketed_batches_have_one_shape(tmp_path):
+    write_dataset(tmp_path, n=24)
+    for b in itertools.islice(iter(shard_dataset(str(tmp_path), batch=2, caption_length=8,
+                                                 seed=0)), 8):
+        assert b["latent"].shape[1:4] in [tuple(x) for x in BUCKETS]
+        assert b["latent"].dtype == ml_dtypes.bfloat16 and b["tokens"].shape == (2, 8)
+
+
+def test_iterator_resumes_exactly_mid_epoch(tmp_path):
+    write_dataset(tmp_path, n=24)
+    for mode in ("bucket", "pack"):
+        kw = dict(batch=2, caption_length=8, seed=3, mode=mode, budget=48, clips_per_row=4)
+        it = iter(shard_dataset(str(tmp_path), **kw))
+        for _ in range(5):
+            next(it)
+        state = it.get_state()
+        want = [next(it) for _ in range(6)]
+        resumed = iter(shard_dataset(str(tmp_path), **kw))
+        resumed.set_state(state)
+        for a, b in zip(want, (next(resumed) for _ in range(6)), strict=True):
+            assert a.keys() == b.keys()
+            for k in a:
+                assert np.asarray(a[k]).tobytes() == np.asarray(b[k]).tobytes(), (mode, k)
+
+
+def test_corrupt_records_are_skipped_and_counted(tmp_path):
+    write_dataset(tmp_path, n=24, corrupt=3, bucket=(2, 4, 4))
+    SKIPPED.clear()
+    it = iter(shard_dataset(str(tmp_path), batch=1, caption_length=8, seed=0, read_ahead=0))
+    seen = {clip_ids(next(it))[0] for _ in range(21)}
+    assert len(seen) == 21 and not seen & {16, 17, 18}
+    assert SKIPPED["corrupt_record"] == 3
+
+
+def test_packing_keeps_clips_apart_and_fills_the_budget(tmp_path):
+    write_dataset(tmp_path, n=48, per_shard=16)
+    ds = shard_dataset(str(tmp_path), batch=4, caption_length=8, seed=0, mode="pack",
+                       patch=(1, 2, 2), budget=64, clips_per_row=8)
+    batches = list(itertools.islice(iter(ds), 6))
+    b = batches[0]
+    assert b["patches"].shape == (4, 64, 16) and b["positions"].shape == (4, 64, 3)
+    assert b["tokens"].shape == (4, 64) and b["segment_ids"].shape == (4, 64)
+    ids = b["segment_ids"]
+    for row in range(4):  # segments are contiguous runs 1, 2, ..., then padding 0
+        runs = [k for k, _ in itertools.groupby(ids[row])]
+        assert runs == [*range(1, len(runs) + (0 not in runs)), *([0] if 0 in runs else [])]
+        # each video segment has its caption under the same id
+        assert set(ids[row]) - {0} == set(b["text_segment_ids"][row]) - {0}
+    mask = segment_mask(ids)
+    assert not mask[ids == 0].any()
+    assert np.mean([efficiency(x) for x in batches]) > 0.9

@@ -1,0 +1,134 @@
+"""The Grain pipeline over tokenized shards (`data.source: shards`).
+
+    index.json -> record indices -> seeded global shuffle -> repeat -> this process's stride
+      -> read + decode (msgpack; a corrupt record is skipped and counted) -> either
+         bucket: one stream per bucket, batched, mixed by bucket size (one shape per batch)
+         pack:   patches + positions + caption, best-fit packed into a token budget per row
+      -> [multiprocess prefetch] -> host-local numpy batches (the loop makes global jax.Arrays)
+
+Everything before prefetch is a deterministic function of (seed, position), so the iterator's
+`get_state()` saved in the checkpoint resumes exactly the stream an uninterrupted run sees.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+import grain
+import numpy as np
+
+from vdit.data.packing import clip_to_patches, pack
+from vdit.data.shards import ShardRecordError, decode_record, read_index, shard_paths
+
+log = logging.getLogger(__name__)
+# Records skipped in this process, by reason (each prefetch worker counts its own).
+SKIPPED: Counter = Counter()
+
+
+@dataclass(frozen=True)
+class ShardReader:
+    """Decodes record i of a shard directory; picklable, so prefetch workers can run it."""
+
+    source: grain.sources.ArrayRecordDataSource
+    caption_length: int
+    patch: tuple[int, int, int] | None = None  # set: emit packing features, not a latent
+
+    def __call__(self, index: int) -> dict | None:
+        """-> {"latent": [T', H', W', C], "tokens": int32 [S]} (or patches/positions), or None
+        for a corrupt record (counted in SKIPPED; the stream goes on)."""
+        try:
+            rec = decode_record(self.source[int(index)])
+        except ShardRecordError as e:
+            SKIPPED["corrupt_record"] += 1
+            log.warning("skipping record %d: %s", index, e)
+            return None
+        tokens = np.zeros(self.caption_length, np.int32)  # PAD = 0, truncate or pad
+        n = min(len(rec.tokens), self.caption_length)
+        tokens[:n] = rec.tokens[:n]
+        if self.patch is None:
+            return {"latent": rec.latent, "tokens": tokens}
+        return {**clip_to_patches(rec.latent, self.patch), "tokens": tokens}
+
+
+def record_buckets(index: dict) -> dict[str, np.ndarray]:
+    """Bucket key -> global record indices (in shard order) of the clips in that bucket."""
+    keys = [b for s in index["shards"] for b in s["buckets"]]
+    out: dict[str, list[int]] = {}
+    for i, k in enumerate(keys):
+        out.setdefault(k, []).append(i)
+    return {k: np.asarray(v, np.int64) for k, v in sorted(out.items())}
+
+
+def _stream(indices: np.ndarray, reader: ShardReader, seed: int, process: int,
+            processes: int, read: grain.ReadOptions) -> grain.IterDataset:
+    """Shuffled (seeded, global), endless, this process's stride, decoded, bad records dropped."""
+    return (
+        grain.MapDataset.source(indices)
+        .seed(seed)
+        .shuffle()
+        .repeat()
+        .slice(slice(process, None, processes))  # disjoint strides of one global order
+        .map(reader)
+        .to_iter_dataset(read_options=read)
+        .filter(lambda ex: ex is not None)
+    )
+
+
+def shard_dataset(directory: str, *, batch: int, caption_length: int, seed: int,
+                  mode: str = "bucket", patch: tuple[int, int, int] = (1, 2, 2),
+                  budget: int = 4096, clips_per_row: int = 16, process: int = 0,
+                  processes: int = 1, read_threads: int = 2,
+                  read_ahead: int = 16) -> grain.IterDataset:
+    """This process's batches of a shard directory: `batch` clips per batch ("bucket"), or
+    `batch` packed rows of `budget` patch tokens each ("pack"). Each stream reads records on
+    `read_threads` threads, `read_ahead` records ahead (0: synchronously)."""
+    # Grain's default (16 threads, 500 records ahead, per stream) would swamp a small host.
+    read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_ahead)
+    index = read_index(directory)
+    source = grain.sources.ArrayRecordDataSource(shard_paths(directory, index))
+    if mode == "bucket":
+        reader = ShardReader(source, caption_length)
+        buckets = record_buckets(index)
+        streams = [_stream(idx, reader, seed + i, process, processes, read).batch(
+                   batch, drop_remainder=True) for i, idx in enumerate(buckets.values())]
+        if len(streams) == 1:
+            return streams[0]
+        # Each batch comes from one bucket; buckets are drawn in proportion to their size.
+        return grain.IterDataset.mix(streams, [len(v) for v in buckets.values()])
+    if mode == "pack":
+        reader = ShardReader(source, caption_length, patch)
+        clips = _stream(np.arange(index["num_records"]), reader, seed, process, processes,
+                        read)
+        clips = clips.filter(lambda ex: len(ex["patches"]) <= budget)
+        return pack(clips, budget=budget, caption_length=caption_length,
+                    clips_per_row=clips_per_row, rows=batch, seed=seed)
+    raise ValueError(f"data.batching: 'bucket' or 'pack', got {mode!r}")
+
+
+def shard_iterator(directory: str, *, batch: int, caption_length: int, seed: int,
+                   workers: int = 0, prefetch: int = 4, **kw) -> grain.DatasetIterator:
+    """An endless, checkpointable iterator of this host's share of each global batch."""
+    import jax
+
+    hosts, host = jax.process_count(), jax.process_index()
+    if batch % hosts:
+        raise ValueError(f"train.batch_size {batch} is not divisible by {hosts} hosts")
+    ds = shard_dataset(directory, batch=batch // hosts, caption_length=caption_length,
+                       seed=seed, process=host, processes=hosts, **kw)
+    if workers > 0:
+        _parse_absl_flags()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
+                                                         per_worker_buffer_size=prefetch))
+    return iter(ds)
+
+
+def _parse_absl_flags() -> None:
+    """Grain's multiprocess prefetch reads absl flags, which are unparsed outside absl.app."""
+    import sys
+
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS(sys.argv[:1])
