@@ -4,6 +4,7 @@ resume, corrupt records). Tiny shapes: each test runs in about a second on 2 cor
 from __future__ import annotations
 
 import itertools
+import json
 
 import ml_dtypes
 import numpy as np
@@ -160,3 +161,51 @@ def test_packing_keeps_clips_apart_and_fills_the_budget(tmp_path):
     mask = segment_mask(ids)
     assert not mask[ids == 0].any()
     assert np.mean([efficiency(x) for x in batches]) > 0.9
+
+
+# --- vdit tokenize ----------------------------------------------------------------------------
+
+
+def _config():
+    from vdit.config import load_config
+
+    return load_config(None, ["autoencoder.kind=space_to_depth", "autoencoder.factors=[1,4,4]",
+                              "text.max_length=8"])
+
+
+def test_tokenize_folder_skips_bad_inputs_and_resumes(tmp_path):
+    from vdit.data.buckets import parse_buckets
+    from vdit.data.sources import FolderSource
+    from vdit.data.tokenize import TokenizeOptions, tokenize
+    from vdit.data.video_io import write_mp4
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    rng = np.random.default_rng(0)
+    for name, (t, h, w) in {"a.mp4": (12, 32, 48), "b.mp4": (9, 48, 32), "c.mp4": (12, 32, 32),
+                            "short.mp4": (2, 32, 32), "nocap.mp4": (8, 32, 32)}.items():
+        write_mp4(videos / name, rng.integers(0, 255, (t, h, w, 3), dtype=np.uint8), fps=8)
+    (videos / "garbage.mp4").write_bytes(b"\x00not a video" * 50)
+    data = (videos / "a.mp4").read_bytes()
+    (videos / "truncated.mp4").write_bytes(data[: len(data) // 3])
+    rows = [{"path": n, "caption": "a red ball falls", "license": "CC0"}
+            for n in ("a.mp4", "b.mp4", "c.mp4", "short.mp4", "garbage.mp4", "truncated.mp4")]
+    (tmp_path / "captions.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    source = FolderSource(videos, tmp_path / "captions.jsonl")
+    opts = TokenizeOptions(tmp_path / "shards", parse_buckets("4x16x16,4x16x32,4x32x16"),
+                           fps=4.0, shard_size=4, batch=2)
+    index = tokenize(source, _config(), opts, log_fn=lambda s: None)
+    assert index["num_records"] == 3
+    assert index["buckets"] == {"4x16x16": 1, "4x16x32": 1, "4x32x16": 1}
+    assert index["skipped"].get("missing_caption") == 1 and index["skipped"]["too_short"] == 1
+    assert sum(index["skipped"].values()) == 4  # + garbage and truncated: unreadable/zero frames
+    read_index(tmp_path / "shards", verify=True)
+    rec = decode_record(read_shard(tmp_path / "shards" / index["shards"][0]["name"])[0])
+    assert rec.source_id == "a.mp4" and rec.license == "CC0" and rec.original_size == (12, 32, 48)
+    assert rec.latent.shape == (4, 4, 8, 48) and rec.latent.dtype == ml_dtypes.bfloat16
+    # re-running skips finished shards: nothing is rewritten
+    stamp = (tmp_path / "shards" / index["shards"][0]["name"]).stat().st_mtime_ns
+    logs = []
+    tokenize(source, _config(), opts, log_fn=logs.append)
+    assert "2 already written" in logs[0]
+    assert (tmp_path / "shards" / index["shards"][0]["name"]).stat().st_mtime_ns == stamp

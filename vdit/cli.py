@@ -136,6 +136,36 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     return 0 if found.present else 1
 
 
+def _cmd_tokenize(args: argparse.Namespace) -> int:
+    from vdit.config import ConfigError
+    from vdit.data import sources
+    from vdit.data.buckets import parse_buckets
+    from vdit.data.tokenize import TokenizeOptions, tokenize
+
+    cfg = _load(args.config, args.overrides)
+    try:
+        buckets = parse_buckets(args.buckets)
+    except ValueError as e:
+        raise ConfigError(f"--buckets: {e}") from None
+    if args.videos:
+        if not args.captions:
+            raise ConfigError("--videos needs --captions (a .csv or .jsonl file)")
+        source = sources.FolderSource(args.videos, args.captions, args.license)
+        what = {"source": "folder", "videos": args.videos, "captions": args.captions}
+    elif args.tfds:
+        source = sources.TfdsSource(args.tfds, args.data_dir, args.split,
+                                    video_key=args.video_key, caption_key=args.caption_key,
+                                    fps=args.source_fps, default_license=args.license)
+        what = {"source": "tfds", "name": args.tfds, "split": args.split}
+    else:
+        source = sources.PhysicsSource(cfg.data.world, cfg.data.seed, args.physics)
+        what = {"source": "physics", "num_clips": args.physics, "seed": cfg.data.seed}
+    opts = TokenizeOptions(Path(args.out), buckets, args.fps, args.shard_size, args.batch,
+                           args.dtype, args.process, args.processes, what)
+    tokenize(source, cfg, opts)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vdit", description="Text-to-video diffusion "
                                      "transformers on JAX.")
@@ -206,6 +236,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="watermark key (default: $VDIT_WATERMARK_KEY or the public key)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_detect)
+    p = sub.add_parser("tokenize", help="encode videos into latent shards for "
+                       "data.source=shards (resumable; split over processes by shard)")
+    p.add_argument("out", help="output folder of shards and index.json")
+    p.add_argument("config", nargs="?", default=None,
+                   help="YAML config whose autoencoder and text sections are used")
+    p.add_argument("overrides", nargs="*")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--videos", help="a folder of video files (needs --captions)")
+    src.add_argument("--tfds", help="a TFDS dataset name, read with tfds.data_source")
+    src.add_argument("--physics", type=int, metavar="N", help="the first N physics clips")
+    p.add_argument("--captions", help="CSV or JSONL with columns path, caption[, license]")
+    p.add_argument("--data-dir", default=None, help="TFDS data_dir")
+    p.add_argument("--split", default="train", help="TFDS split (default train)")
+    p.add_argument("--video-key", default="frames", help="TFDS feature of uint8 frames")
+    p.add_argument("--caption-key", default="caption", help="TFDS feature of the caption")
+    p.add_argument("--source-fps", type=float, default=8.0,
+                   help="frame rate of TFDS examples without an 'fps' feature")
+    p.add_argument("--buckets", default="16x32x32",
+                   help="FRAMESxHEIGHTxWIDTH,... in pixels (default 16x32x32)")
+    p.add_argument("--fps", type=float, default=None, help="resample to this frame rate")
+    p.add_argument("--shard-size", type=int, default=256, help="inputs per shard")
+    p.add_argument("--batch", type=int, default=8, help="clips per encoder call")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--license", default="unknown", help="licence of inputs that name none")
+    p.add_argument("--process", type=int, default=0, help="this process's number")
+    p.add_argument("--processes", type=int, default=1, help="processes sharing the work")
+    p.set_defaults(func=_cmd_tokenize)
+
     from vdit.scaling.sweep import register as register_sweep
 
     register_sweep(sub)

@@ -1,0 +1,173 @@
+"""`vdit tokenize`: videos -> autoencoder latents in ArrayRecord shards (vdit/data/shards.py).
+
+    source item i (sources.py) -> decode -> resample fps -> fit to a bucket (buckets.py)
+      -> encode, a jitted batch per bucket sharded over local devices -> record -> shard
+
+Inputs are split into shards of `shard_size` consecutive items; process p of n owns the shards
+with index % n == p, skips the ones already written (resume), and whoever finds every shard
+written assembles `index.json`. An input that cannot become a clip is skipped and counted by
+reason in its shard's sidecar; one bad file never stops the job.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from vdit.config import Config
+from vdit.data.buckets import Bucket, SkipClip, prepare_clip
+from vdit.data.shards import (
+    DTYPES,
+    ClipRecord,
+    shard_done,
+    shard_name,
+    write_index,
+    write_shard,
+)
+from vdit.models.autoencoder import make_autoencoder
+from vdit.models.text import physics_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenizeOptions:
+    out: Path
+    buckets: list[Bucket]
+    fps: float | None = None  # resample to this frame rate (None: keep the source's)
+    shard_size: int = 256  # input items per shard
+    batch: int = 8  # clips per encoder call (rounded up to a multiple of the local devices)
+    dtype: str = "bfloat16"  # stored latent dtype
+    process: int = 0
+    processes: int = 1
+    info: dict = field(default_factory=dict)  # extra index.json fields (source description)
+
+
+class BatchEncoder:
+    """uint8 videos [B, F, H, W, 3] of one bucket -> latents [B, T', H', W', C] in `dtype`,
+    a jitted call per bucket shape with the batch split over this host's devices."""
+
+    def __init__(self, cfg: Config, dtype: str):
+        self.cfg, self.ae = cfg.autoencoder, make_autoencoder(cfg.autoencoder)
+        self.params: dict = {}
+        if self.cfg.kind == "causal_vae":
+            from vdit.diffusion.text_to_video import check_autoencoder_matches
+            from vdit.train.run_dir import load_autoencoder
+
+            ae_cfg, self.params, _ = load_autoencoder(self.cfg.checkpoint)
+            check_autoencoder_matches(self.cfg, ae_cfg.autoencoder)
+        self.dtype = DTYPES[dtype]
+        devices = jax.local_devices()
+        self.sharding = NamedSharding(Mesh(np.array(devices), ("batch",)),
+                                      PartitionSpec("batch"))
+        self.devices = len(devices)
+
+        def encode(params, video):
+            return self.ae.encode(params, video.astype(jnp.float32) / 127.5 - 1.0)
+
+        self.fn = jax.jit(encode)
+
+    def __call__(self, videos: np.ndarray) -> np.ndarray:
+        n = len(videos)
+        if self.cfg.kind == "causal_vae" and max(videos.shape[2:4]) > self.cfg.tile:
+            from vdit.models.tiling import encode_tiled  # large frames: bounded memory
+
+            lat = encode_tiled(self.ae, self.params, jnp.asarray(videos) / 127.5 - 1.0)
+            return np.asarray(lat).astype(self.dtype)
+        pad = -n % self.devices  # equal shares per device; the padding is dropped below
+        if pad:
+            videos = np.concatenate([videos, np.zeros((pad, *videos.shape[1:]), videos.dtype)])
+        lat = self.fn(self.params, jax.device_put(videos, self.sharding))
+        return np.asarray(jax.device_get(lat))[:n].astype(self.dtype)
+
+
+def _encode_shard(clips: list, encoder: BatchEncoder, batch: int) -> list[np.ndarray]:
+    """Latents of fitted clips [(video, bucket)], in input order, batched per bucket."""
+    out: list = [None] * len(clips)
+    by_bucket: dict[Bucket, list[int]] = {}
+    for i, (_, bucket) in enumerate(clips):
+        by_bucket.setdefault(bucket, []).append(i)
+    for idx in by_bucket.values():
+        for s in range(0, len(idx), batch):
+            part = idx[s: s + batch]
+            for i, lat in zip(part, encoder(np.stack([clips[i][0] for i in part])), strict=True):
+                out[i] = lat
+    return out
+
+
+def _tokenize_shard(source, items: range, opts: TokenizeOptions, encoder: BatchEncoder,
+                    tokenizer, pbar) -> tuple[list[ClipRecord], Counter]:
+    skipped: Counter = Counter()
+    kept, fitted = [], []
+    for i in items:
+        try:
+            raw = source.load(i)
+            video, bucket = prepare_clip(raw.frames, raw.fps, opts.fps, opts.buckets)
+        except SkipClip as e:
+            skipped[e.reason] += 1
+            log.warning("skipping item %d: %s", i, e)
+        except Exception as e:  # any failure of one input is counted, never fatal
+            skipped["unreadable"] += 1
+            log.warning("skipping item %d: %s: %s", i, type(e).__name__, e)
+        else:
+            kept.append((raw, video.shape))
+            fitted.append((video, bucket))
+        pbar.update(1)
+    latents = _encode_shard(fitted, encoder, opts.batch)
+    records = [ClipRecord(lat, tokenizer.encode(raw.caption), raw.caption, raw.source_id,
+                          opts.fps or raw.fps, tuple(raw.frames.shape[:3]), bucket, raw.license)
+               for (raw, _), (_, bucket), lat in zip(kept, fitted, latents, strict=True)]
+    return records, skipped
+
+
+def tokenize(source, cfg: Config, opts: TokenizeOptions, *, log_fn=print) -> dict | None:
+    """Tokenize this process's unfinished shards of `source`; returns the index once every
+    shard exists (None while other processes are still writing theirs)."""
+    num_shards = max(1, math.ceil(len(source) / opts.shard_size))
+    names = [shard_name(i, num_shards) for i in range(num_shards)]
+    mine = [i for i in range(num_shards) if i % opts.processes == opts.process]
+    todo = [i for i in mine if not shard_done(opts.out, names[i])]
+    log_fn(f"tokenize: {len(source)} inputs in {num_shards} shards; process {opts.process}/"
+           f"{opts.processes} owns {len(mine)}, {len(mine) - len(todo)} already written")
+    if todo:
+        encoder = BatchEncoder(cfg, opts.dtype)
+        tokenizer = physics_tokenizer(cfg.text.max_length)
+        ranges = {i: range(i * opts.shard_size, min(len(source), (i + 1) * opts.shard_size))
+                  for i in todo}
+        with tqdm(total=sum(len(r) for r in ranges.values()), desc="tokenize",
+                  dynamic_ncols=True, mininterval=1.0) as pbar:
+            for i in todo:
+                records, skipped = _tokenize_shard(source, ranges[i], opts, encoder, tokenizer,
+                                                   pbar)
+                write_shard(opts.out, names[i], records, skipped)
+    if not all(shard_done(opts.out, n) for n in names):
+        log_fn("tokenize: other processes' shards are not all written yet; the last one to "
+               "finish writes index.json")
+        return None
+    info = {"latent_dtype": opts.dtype, "fps": opts.fps,
+            "buckets_requested": ["x".join(map(str, b)) for b in opts.buckets],
+            "autoencoder": {k: getattr(cfg.autoencoder, k) for k in
+                            ("kind", "factors", "latent_channels", "checkpoint")},
+            "text_max_length": cfg.text.max_length, **opts.info}
+    index = write_index(opts.out, names, info)
+    log_fn(report(index))
+    return index
+
+
+def report(index: dict) -> str:
+    """The end-of-job summary: clips per bucket, skipped inputs by reason."""
+    lines = [f"tokenized {index['num_records']} clips into {len(index['shards'])} shards"]
+    lines += [f"  bucket {k}: {v}" for k, v in index["buckets"].items()]
+    skipped = index["skipped"]
+    lines.append(f"skipped {sum(skipped.values())} inputs" + ("" if skipped else " (none)"))
+    lines += [f"  {k}: {v}" for k, v in skipped.items()]
+    return "\n".join(lines)
