@@ -209,3 +209,30 @@ def test_tokenize_folder_skips_bad_inputs_and_resumes(tmp_path):
     tokenize(source, _config(), opts, log_fn=logs.append)
     assert "2 already written" in logs[0]
     assert (tmp_path / "shards" / index["shards"][0]["name"]).stat().st_mtime_ns == stamp
+
+
+def test_tfds_builder_builds_and_reads_back_without_tensorflow(tmp_path):
+    import importlib.util
+    import sys
+
+    import tensorflow_datasets as tfds
+
+    from vdit.data.buckets import parse_buckets
+    from vdit.data.physics import WorldConfig, simulate
+    from vdit.data.pipeline import clip_seed
+    from vdit.data.sources import TfdsSource
+    from vdit.data.tfds_physics import build
+    from vdit.data.tokenize import TokenizeOptions, tokenize
+
+    assert importlib.util.find_spec("tensorflow") is None  # the point: no TensorFlow at all
+    world = WorldConfig(frames=4, height=16, width=16)
+    build(tmp_path / "tfds", world=world, seed=5, num_train=3, num_eval=1)
+    src = tfds.data_source("vdit_physics", data_dir=str(tmp_path / "tfds"), split="train")
+    assert len(src) == 3
+    clip = simulate(world, clip_seed(5, "train", 2))
+    np.testing.assert_array_equal(src[2]["frames"], clip.frames)
+    assert src[2]["caption"].decode() == clip.caption
+    index = tokenize(TfdsSource("vdit_physics", str(tmp_path / "tfds")), _config(),
+                     TokenizeOptions(tmp_path / "shards", parse_buckets("4x16x16")),
+                     log_fn=lambda s: None)
+    assert index["num_records"] == 3 and "tensorflow" not in sys.modules
