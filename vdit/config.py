@@ -135,18 +135,29 @@ class AutoencoderConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where clips come from. The physics world generates clip i from seed (seed, i)."""
+    """Where clips come from. The physics world generates clip i from seed (seed, i);
+    `shards` reads latents written by `vdit tokenize` (vdit/data/shards.py)."""
 
-    source: Literal["physics"] = "physics"
+    source: Literal["physics", "shards"] = "physics"
     world: WorldConfig = field(default_factory=WorldConfig)
     num_clips: int = 1_000_000  # size of the training index space (an epoch)
     num_eval_clips: int = 16  # fixed held-out clips for the eval loss
     stats_clips: int = 64  # clips used to estimate per-channel latent mean and std
     seed: int = 0
     prefetch: int = 4  # batches rendered ahead on a background thread
+    # data.source: shards
+    shards: str = ""  # training shards (a `vdit tokenize` output folder)
+    eval_shards: str = ""  # held-out shards for the eval loss ("": the first training clips)
+    batching: Literal["bucket"] = "bucket"  # one bucket (latent shape) per batch
+    workers: int = 0  # Grain prefetch processes (0: threads in the training process)
 
     def validate(self) -> list[str]:
         problems = [f"world.{p}" for p in self.world.validate()]
+        if self.source == "shards" and not self.shards:
+            problems.append("shards: data.source 'shards' needs the folder written by "
+                            "`vdit tokenize` (data.shards=PATH)")
+        if self.workers < 0:
+            problems.append(f"workers: must be >= 0, got {self.workers}")
         return problems + _positive(self, "num_clips", "num_eval_clips", "stats_clips")
 
 
@@ -268,10 +279,10 @@ class Config:
             problems += [f"{f.name}.{p}" for p in getattr(self, f.name).validate()]
         if problems:
             return problems
-        if self.text.encoder == "precomputed" and self.data.source == "physics":
+        if self.text.encoder == "precomputed":
             problems.append(
                 "text.encoder: 'precomputed' needs a data source that supplies text embeddings; "
-                "data.source 'physics' supplies caption tokens (use 'transformer')"
+                f"data.source '{self.data.source}' supplies caption tokens (use 'transformer')"
             )
         # Cross-section checks: the video must cut evenly into latents, the latents into patches.
         w, ae, p = self.data.world, self.autoencoder, self.model.patch

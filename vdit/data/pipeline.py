@@ -30,7 +30,13 @@ def make_example(cfg: DataConfig, tokenizer: WordTokenizer, split: str, index: i
 
 def train_iterator(cfg: DataConfig, tokenizer: WordTokenizer, global_batch: int, *,
                    shuffle_seed: int):
-    """An endless, checkpointable iterator of this host's share of each global batch."""
+    """An endless, checkpointable iterator of this host's share of each global batch: uint8
+    videos from the physics world, or latents from shards (`data.source`)."""
+    if cfg.source == "shards":
+        from vdit.data.shard_pipeline import shard_iterator
+
+        return shard_iterator(cfg.shards, batch=global_batch, caption_length=tokenizer.max_length,
+                              seed=shuffle_seed, workers=cfg.workers, prefetch=cfg.prefetch)
     hosts, host = jax.process_count(), jax.process_index()
     if global_batch % hosts:
         raise ValueError(f"train.batch_size {global_batch} is not divisible by {hosts} hosts")
@@ -48,6 +54,12 @@ def train_iterator(cfg: DataConfig, tokenizer: WordTokenizer, global_batch: int,
 
 
 def fixed_batch(cfg: DataConfig, tokenizer: WordTokenizer, split: str, count: int) -> dict:
-    """The first `count` clips of a split, stacked: used for eval and latent statistics."""
+    """The first `count` clips of a split, stacked: used for eval and latent statistics.
+    Shards give {"latent", "tokens"} instead of {"video", "tokens", "seed"}."""
+    if cfg.source == "shards":
+        from vdit.data.shard_pipeline import first_clips
+
+        directory = cfg.eval_shards if split == "eval" and cfg.eval_shards else cfg.shards
+        return first_clips(directory, count, tokenizer.max_length)
     examples = [make_example(cfg, tokenizer, split, i) for i in range(count)]
     return {k: np.stack([e[k] for e in examples]) for k in examples[0]}

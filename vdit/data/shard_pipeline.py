@@ -107,6 +107,20 @@ def shard_dataset(directory: str, *, batch: int, caption_length: int, seed: int,
     raise ValueError(f"data.batching: 'bucket' or 'pack', got {mode!r}")
 
 
+def first_clips(directory: str, count: int, caption_length: int) -> dict:
+    """The first `count` clips of the most common bucket, stacked: {"latent" [N, T', H', W', C],
+    "tokens" int32 [N, S]} (eval batches and latent statistics)."""
+    index = read_index(directory)
+    buckets = record_buckets(index)
+    indices = max(buckets.values(), key=len)
+    reader = ShardReader(grain.sources.ArrayRecordDataSource(shard_paths(directory, index)),
+                         caption_length)
+    clips = [ex for ex in map(reader, indices[: count]) if ex is not None]
+    if not clips:
+        raise ValueError(f"{directory}: no readable clips")
+    return {k: np.stack([c[k] for c in clips]) for k in clips[0]}
+
+
 def shard_iterator(directory: str, *, batch: int, caption_length: int, seed: int,
                    workers: int = 0, prefetch: int = 4, **kw) -> grain.DatasetIterator:
     """An endless, checkpointable iterator of this host's share of each global batch."""

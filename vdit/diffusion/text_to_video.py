@@ -61,8 +61,8 @@ class TextToVideo:
     # --- latents ---------------------------------------------------------------------------
     def initial_stats(self, videos: np.ndarray) -> Stats:
         """Latent statistics and autoencoder params: from the trained autoencoder named by
-        `autoencoder.checkpoint`, or measured on uint8 videos [B, T, H, W, 3] for the
-        parameter-free stand-in."""
+        `autoencoder.checkpoint`, or measured for the parameter-free stand-in on uint8 videos
+        [B, T, H, W, 3] or on already encoded latents [B, T', H', W', C] (shards)."""
         if self.cfg.autoencoder.kind == "causal_vae":
             from vdit.train.run_dir import load_autoencoder
 
@@ -70,7 +70,8 @@ class TextToVideo:
             check_autoencoder_matches(self.cfg.autoencoder, ae_cfg.autoencoder)
             return {"mean": jnp.asarray(stats["mean"]), "std": jnp.asarray(stats["std"]),
                     "autoencoder": jax.tree.map(jnp.asarray, params)}
-        lat = self.autoencoder.encode({}, to_float(jnp.asarray(videos)))
+        lat = (self.autoencoder.encode({}, to_float(jnp.asarray(videos)))
+               if videos.dtype == np.uint8 else jnp.asarray(videos, jnp.float32))
         axes = tuple(range(lat.ndim - 1))
         return {"mean": lat.mean(axes), "std": jnp.maximum(lat.std(axes), 1e-3),
                 "autoencoder": {}}
@@ -79,6 +80,13 @@ class TextToVideo:
         """uint8 [B, T, H, W, 3] -> normalised latent [B, T', H', W', C]."""
         latent = self.autoencoder.encode(stats.get("autoencoder", {}), to_float(video))
         return (latent - stats["mean"]) / stats["std"]
+
+    def batch_latent(self, batch: dict, stats: Stats) -> jax.Array:
+        """The normalised latent of a batch: encoded from "video" (uint8, physics), or the
+        stored "latent" [B, T', H', W', C] of shards (raw autoencoder output, any float)."""
+        if "latent" in batch:
+            return (batch["latent"].astype(jnp.float32) - stats["mean"]) / stats["std"]
+        return self.encode(batch["video"], stats)
 
     def decode(self, latent: jax.Array, stats: Stats) -> jax.Array:
         """Normalised latent -> uint8 video [B, T, H, W, 3]."""
@@ -93,9 +101,10 @@ class TextToVideo:
 
     def loss(self, params, batch: dict, stats: Stats, key: jax.Array,
              step: jax.Array | None = None) -> tuple[jax.Array, dict]:
-        """(loss, {}) on batch {"video": uint8 [B, T, H, W, 3], "tokens": int32 [B, S]}."""
+        """(loss, {}) on batch {"video": uint8 [B, T, H, W, 3] or "latent": [B, T', H', W', C],
+        "tokens": int32 [B, S]}."""
         k_drop, k_t, k_noise = jax.random.split(key, 3)
-        x0 = self.encode(batch["video"], stats)
+        x0 = self.batch_latent(batch, stats)
         tokens = self.drop_captions(batch["tokens"], k_drop)
         t = sample_time(k_t, x0.shape[0], self.cfg.diffusion, self.shift)
         noise = jax.random.normal(k_noise, x0.shape)
@@ -109,7 +118,7 @@ class TextToVideo:
 
     def eval_losses(self, params, batch: dict, stats: Stats, key: jax.Array) -> jax.Array:
         """Loss at each fixed eval timestep with fixed noise (no caption dropout): [num_t]."""
-        x0 = self.encode(batch["video"], stats)
+        x0 = self.batch_latent(batch, stats)
         noise = jax.random.normal(key, x0.shape)
 
         def at(t_scalar):

@@ -81,7 +81,8 @@ class DiT(nn.Module):
     def __call__(self, latent, t, text, text_mask=None):
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
-        d, grid = cfg.width, token_grid(self.latent_shape, cfg.patch)
+        # The grid follows the input, so bucketed batches of other shapes run (retraced).
+        d, grid = cfg.width, token_grid(latent.shape[1:], cfg.patch)
         tokens = patchify(latent.astype(dtype), cfg.patch)
         x = Linear((d,), ("patch_in", "embed"), dtype=dtype, name="patch_embed")(tokens)
         x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))

@@ -56,9 +56,10 @@ def build_trainer(cfg: Config, system: System | None = None) -> Trainer:
     system = system if system is not None else TextToVideo(cfg)
     tx = make_optimizer(cfg.train)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        videos = fixed_batch(cfg.data, physics_tokenizer(cfg.text.max_length), "train",
-                             cfg.data.stats_clips)["video"]
-        stats = system.initial_stats(videos)
+        clips = fixed_batch(cfg.data, physics_tokenizer(cfg.text.max_length), "train",
+                            cfg.data.stats_clips)
+        # uint8 videos (physics) or stored latents (shards): the system measures either.
+        stats = system.initial_stats(clips["video"] if "video" in clips else clips["latent"])
         state = create_state(system, tx, cfg.train.seed, stats, mesh, rules)
     shardings = state_shardings(state)
     b_shard = batch_sharding(mesh)
