@@ -39,7 +39,9 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
 class DiTBlock(nn.Module):
     """One block; the identity at initialisation (zero gates, zero cross-attention output).
 
-    x [B, N, D], cond [B, D], text [B, S, E], text_mask [B, S], rope [N, D_head/2] -> [B, N, D].
+    x [B, N, D], cond [B, D] (or per token [B, N, D]), text [B, S, E], text_mask [B, S],
+    rope [N, D_head/2] (or [B, N, D_head/2]) -> [B, N, D]. `segments` (packed clips): (ids
+    [B, N], (ids [B, N], caption ids [B, S])) keep self- and cross-attention within a clip.
     """
 
     heads: int
@@ -48,16 +50,18 @@ class DiTBlock(nn.Module):
     impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x, cond, text, text_mask, rope):
+    def __call__(self, x, cond, text, text_mask, rope, segments=None):
         d = x.shape[-1]
+        self_ids, cross_ids = segments if segments is not None else (None, None)
         mod = Linear((6 * d,), ("embed", "mlp"), dtype=self.dtype, zero=True, name="adaln")(
             nn.silu(cond))
-        shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod[:, None, :], 6, axis=-1)
+        mod = mod[:, None, :] if mod.ndim == 2 else mod
+        shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
         h = modulate(norm(self.dtype)(x), shift1, scale1)
         x = x + gate1 * Attention(self.heads, self.dtype, self.impl, name="self_attn")(
-            h, rope=rope)
+            h, rope=rope, segment_ids=self_ids)
         x = x + Attention(self.heads, self.dtype, self.impl, zero_out=True, name="cross_attn")(
-            norm(self.dtype)(x), context=text, kv_mask=text_mask)
+            norm(self.dtype)(x), context=text, kv_mask=text_mask, segment_ids=cross_ids)
         h = modulate(norm(self.dtype)(x), shift2, scale2)
         x = x + gate2 * Mlp(self.mlp_hidden, self.dtype, name="mlp")(h)
         x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
@@ -70,6 +74,11 @@ class DiT(nn.Module):
     Call: latent [B, T, H, W, C] float, t [B] in [0, 1], text: int32 tokens [B, S] (jointly
     trained encoder) or float embeddings [B, S, E] with text_mask [B, S] (precomputed).
     Returns float32 [B, T, H, W, C].
+
+    Packed rows (vdit/data/packing.py): latent = patches [B, L, P], t per token [B, L],
+    text = captions [B, K * S] (K captions of max_length S), with `positions` [B, L, 3] for
+    RoPE, `segment_ids` [B, L] and `text_segment_ids` [B, K * S] (0 = padding); returns the
+    velocity patches float32 [B, L, P]. No token attends to another clip's tokens or caption.
     """
 
     cfg: ModelConfig
@@ -78,25 +87,41 @@ class DiT(nn.Module):
     latent_shape: tuple[int, int, int, int]
 
     @nn.compact
-    def __call__(self, latent, t, text, text_mask=None):
+    def __call__(self, latent, t, text, text_mask=None, positions=None, segment_ids=None,
+                 text_segment_ids=None):
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
-        # The grid follows the input, so bucketed batches of other shapes run (retraced).
-        d, grid = cfg.width, token_grid(latent.shape[1:], cfg.patch)
-        tokens = patchify(latent.astype(dtype), cfg.patch)
+        d, packed = cfg.width, positions is not None
+        if packed:
+            tokens, grid = latent.astype(dtype), None
+        else:
+            # The grid follows the input, so bucketed batches of other shapes run (retraced).
+            grid = token_grid(latent.shape[1:], cfg.patch)
+            tokens = patchify(latent.astype(dtype), cfg.patch)
         x = Linear((d,), ("patch_in", "embed"), dtype=dtype, name="patch_embed")(tokens)
         x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
 
-        cond = timestep_embedding(t, 256)
+        cond = timestep_embedding(t.reshape(-1), 256).reshape(*t.shape, 256)
         for i in range(2):
             cond = Linear((d,), (None, "embed"), dtype=dtype, name=f"t_embed{i}")(cond)
             cond = nn.silu(cond) if i == 0 else cond
 
         if self.text_cfg.encoder == "transformer":
-            text, text_mask = TextEncoder(self.text_cfg, self.vocab_size, dtype, name="text")(text)
+            encoder = TextEncoder(self.text_cfg, self.vocab_size, dtype, name="text")
+            if packed:  # each caption on its own: [B, K * S] -> [B * K, S] -> back
+                b, s = text.shape[0], self.text_cfg.max_length
+                text, text_mask = encoder(text.reshape(-1, s))
+                text, text_mask = text.reshape(b, -1, text.shape[-1]), text_mask.reshape(b, -1)
+            else:
+                text, text_mask = encoder(text)
         text = text.astype(dtype)
 
-        rope = jnp.asarray(rope_angles(grid_positions(grid), d // cfg.heads, cfg.rope_theta))
+        if packed:
+            rope = rope_angles(positions, d // cfg.heads, cfg.rope_theta)
+            segments = (segment_ids, (segment_ids, text_segment_ids))
+        else:
+            rope = jnp.asarray(rope_angles(grid_positions(grid), d // cfg.heads, cfg.rope_theta))
+            segments = None
         block = DiTBlock
         if cfg.remat != "none":
             block = nn.remat(block, policy=_REMAT_POLICIES[cfg.remat],
@@ -106,19 +131,21 @@ class DiT(nn.Module):
         if cfg.scan_layers:
             stack = nn.scan(
                 block, variable_axes={"params": 0}, split_rngs={"params": True},
-                in_axes=(nn.broadcast,) * 4, length=cfg.depth,
+                in_axes=(nn.broadcast,) * 5, length=cfg.depth,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, _ = stack(**kwargs, name="blocks")(x, cond, text, text_mask, rope)
+            x, _ = stack(**kwargs, name="blocks")(x, cond, text, text_mask, rope, segments)
         else:
             for i in range(cfg.depth):
-                x, _ = block(**kwargs, name=f"block{i}")(x, cond, text, text_mask, rope)
+                x, _ = block(**kwargs, name=f"block{i}")(x, cond, text, text_mask, rope,
+                                                         segments)
 
-        shift, scale = jnp.split(
-            Linear((2 * d,), ("embed", "mlp"), dtype=dtype, zero=True, name="final_adaln")(
-                nn.silu(cond))[:, None],
-            2, axis=-1)
+        final = Linear((2 * d,), ("embed", "mlp"), dtype=dtype, zero=True, name="final_adaln")(
+            nn.silu(cond))
+        shift, scale = jnp.split(final[:, None] if final.ndim == 2 else final, 2, axis=-1)
         x = modulate(norm(dtype)(x), shift, scale)
         out = Linear((tokens.shape[-1],), ("embed", "patch_in"), dtype=dtype, zero=True,
                      name="final")(x)
+        if packed:
+            return out.astype(jnp.float32)
         return unpatchify(out, grid, cfg.patch).astype(jnp.float32)

@@ -65,7 +65,7 @@ class Attention(nn.Module):
     zero_out: bool = False  # zero-init the output projection (residual branch starts at 0)
 
     @nn.compact
-    def __call__(self, x, context=None, kv_mask=None, rope=None):
+    def __call__(self, x, context=None, kv_mask=None, rope=None, segment_ids=None):
         d = x.shape[-1]
         hd = d // self.heads
         if context is None:
@@ -82,7 +82,8 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", "act_kv"))
-        out = attention(q, k, v, kv_mask=kv_mask, impl=self.impl)
+        # segment_ids (packed clips): [B, N], or ([B, N], [B, S]) for cross-attention.
+        out = attention(q, k, v, kv_mask=kv_mask, segment_ids=segment_ids, impl=self.impl)
         return Linear((d,), ("heads", "kv", "embed"), in_dims=2, dtype=self.dtype,
                       zero=self.zero_out, name="out")(out)
 
