@@ -238,28 +238,36 @@ def test_tfds_builder_builds_and_reads_back_without_tensorflow(tmp_path):
     assert index["num_records"] == 3 and "tensorflow" not in sys.modules
 
 
-def test_training_on_shards_resumes_the_exact_stream(tmp_path):
-    """`data.source: shards` through the real loop: a run stopped at step 2 and resumed saves
-    at step 4 the iterator state of an uninterrupted stream that has given 4 batches."""
+def _physics_shards(tmp_path, buckets: str = "4x16x16") -> dict:
+    """Tokenize 12 tiny physics clips; -> the tiny config dict reading them."""
     from conftest import tiny_dict
 
     from vdit.config import from_dict
     from vdit.data.buckets import parse_buckets
     from vdit.data.physics import WorldConfig
-    from vdit.data.pipeline import train_iterator
     from vdit.data.sources import PhysicsSource
     from vdit.data.tokenize import TokenizeOptions, tokenize
+
+    d = tiny_dict(tmp_path / "run")
+    source = PhysicsSource(WorldConfig(**d["data"]["world"]), 0, 12)
+    tokenize(source, from_dict(d), TokenizeOptions(tmp_path / "shards", parse_buckets(buckets),
+                                                   shard_size=4, dtype="float32"),
+             log_fn=lambda s: None)
+    d["data"].update(source="shards", shards=str(tmp_path / "shards"))
+    return d
+
+
+def test_training_on_shards_resumes_the_exact_stream(tmp_path):
+    """`data.source: shards` through the real loop: a run stopped at step 2 and resumed saves
+    at step 4 the iterator state of an uninterrupted stream that has given 4 batches."""
+    from vdit.config import from_dict
+    from vdit.data.pipeline import train_iterator
     from vdit.models.text import physics_tokenizer
     from vdit.train.checkpoint import Checkpointer
     from vdit.train.loop import train
     from vdit.train.metrics import read_metrics
 
-    d = tiny_dict(tmp_path / "run")
-    source = PhysicsSource(WorldConfig(**d["data"]["world"]), 0, 12)
-    tokenize(source, from_dict(d), TokenizeOptions(tmp_path / "shards", parse_buckets("4x16x16"),
-                                                   shard_size=4, dtype="float32"),
-             log_fn=lambda s: None)
-    d["data"].update(source="shards", shards=str(tmp_path / "shards"))
+    d = _physics_shards(tmp_path)
     for steps in (2, 4):  # stop at 2, resume to 4
         d["train"].update(steps=steps, eval_every=100)
         train(from_dict(d), log=lambda s: None)
@@ -325,3 +333,17 @@ def test_packed_dit_keeps_clips_apart():
     np.testing.assert_allclose(np.asarray(out1)[0, a],
                                clip_to_patches(np.asarray(alone[0]), (1, 2, 2))["patches"],
                                rtol=1e-4, atol=1e-4)
+
+
+def test_training_on_packed_shards(tmp_path):
+    """`data.batching: pack` through the real loop: packed rows train, the loss is finite."""
+    from vdit.config import from_dict
+    from vdit.train.loop import train
+    from vdit.train.metrics import read_metrics
+
+    d = _physics_shards(tmp_path)  # clips of 16 patch tokens: 2 per 40-token row
+    d["data"].update(batching="pack", pack_budget=40, pack_clips=4)
+    d["train"].update(steps=2, eval_every=100, checkpoint_every=100)
+    train(from_dict(d), log=lambda s: None)
+    losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert len(losses) == 2 and np.isfinite(losses).all()

@@ -148,7 +148,11 @@ class DataConfig:
     # data.source: shards
     shards: str = ""  # training shards (a `vdit tokenize` output folder)
     eval_shards: str = ""  # held-out shards for the eval loss ("": the first training clips)
-    batching: Literal["bucket"] = "bucket"  # one bucket (latent shape) per batch
+    # bucket: one latent shape per batch; pack: clips of any shape share rows of pack_budget
+    # patch tokens (at most pack_clips per row), kept apart by segment ids.
+    batching: Literal["bucket", "pack"] = "bucket"
+    pack_budget: int = 4096
+    pack_clips: int = 16
     workers: int = 0  # Grain prefetch processes (0: threads in the training process)
 
     def validate(self) -> list[str]:
@@ -158,7 +162,10 @@ class DataConfig:
                             "`vdit tokenize` (data.shards=PATH)")
         if self.workers < 0:
             problems.append(f"workers: must be >= 0, got {self.workers}")
-        return problems + _positive(self, "num_clips", "num_eval_clips", "stats_clips")
+        if self.batching == "pack" and self.source != "shards":
+            problems.append("batching: 'pack' needs data.source 'shards'")
+        return problems + _positive(self, "num_clips", "num_eval_clips", "stats_clips",
+                                    "pack_budget", "pack_clips")
 
 
 @dataclass(frozen=True)

@@ -29,14 +29,17 @@ def make_example(cfg: DataConfig, tokenizer: WordTokenizer, split: str, index: i
 
 
 def train_iterator(cfg: DataConfig, tokenizer: WordTokenizer, global_batch: int, *,
-                   shuffle_seed: int):
+                   shuffle_seed: int, patch: tuple[int, int, int] = (1, 2, 2)):
     """An endless, checkpointable iterator of this host's share of each global batch: uint8
-    videos from the physics world, or latents from shards (`data.source`)."""
+    videos from the physics world, or latents from shards (`data.source`); packed rows are
+    cut into the DiT's `patch`."""
     if cfg.source == "shards":
         from vdit.data.shard_pipeline import shard_iterator
 
         return shard_iterator(cfg.shards, batch=global_batch, caption_length=tokenizer.max_length,
-                              seed=shuffle_seed, workers=cfg.workers, prefetch=cfg.prefetch)
+                              seed=shuffle_seed, workers=cfg.workers, prefetch=cfg.prefetch,
+                              mode=cfg.batching, patch=patch, budget=cfg.pack_budget,
+                              clips_per_row=cfg.pack_clips)
     hosts, host = jax.process_count(), jax.process_index()
     if global_batch % hosts:
         raise ValueError(f"train.batch_size {global_batch} is not divisible by {hosts} hosts")

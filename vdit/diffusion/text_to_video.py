@@ -102,7 +102,9 @@ class TextToVideo:
     def loss(self, params, batch: dict, stats: Stats, key: jax.Array,
              step: jax.Array | None = None) -> tuple[jax.Array, dict]:
         """(loss, {}) on batch {"video": uint8 [B, T, H, W, 3] or "latent": [B, T', H', W', C],
-        "tokens": int32 [B, S]}."""
+        "tokens": int32 [B, S]}, or on a packed batch (see `packed_loss`)."""
+        if "patches" in batch:
+            return self.packed_loss(params, batch, stats, key)
         k_drop, k_t, k_noise = jax.random.split(key, 3)
         x0 = self.batch_latent(batch, stats)
         tokens = self.drop_captions(batch["tokens"], k_drop)
@@ -110,6 +112,31 @@ class TextToVideo:
         noise = jax.random.normal(k_noise, x0.shape)
         v = self.dit.apply({"params": params}, noisy(x0, noise, t), t, tokens)
         return velocity_loss(v, x0, noise).mean(), {}
+
+    def packed_loss(self, params, batch: dict, stats: Stats,
+                    key: jax.Array) -> tuple[jax.Array, dict]:
+        """(loss, {}) on packed rows (vdit/data/packing.py): "patches" [B, L, P] of stored
+        latents, "positions" [B, L, 3], "segment_ids" [B, L], "tokens" and "text_segment_ids"
+        [B, K * S]. Each clip draws its own time, noise and caption dropout; the loss is the
+        mean over real (non-padding) tokens."""
+        k_drop, k_t, k_noise = jax.random.split(key, 3)
+        ids, patches = batch["segment_ids"], batch["patches"]
+        b, length, p = patches.shape
+        c = stats["mean"].shape[0]  # patches are (pt ph pw c): channels are the fastest axis
+        x0 = ((patches.reshape(b, length, p // c, c).astype(jnp.float32) - stats["mean"])
+              / stats["std"]).reshape(b, length, p)
+        s = self.cfg.text.max_length
+        clips = batch["tokens"].shape[1] // s  # caption k belongs to segment k + 1
+        tokens = self.drop_captions(batch["tokens"].reshape(-1, s), k_drop).reshape(b, -1)
+        t_clip = sample_time(k_t, b * (clips + 1), self.cfg.diffusion, self.shift)
+        t = jnp.take_along_axis(t_clip.reshape(b, clips + 1), ids, axis=1)  # [B, L]
+        noise = jax.random.normal(k_noise, x0.shape)
+        x_t = (1 - t[..., None]) * x0 + t[..., None] * noise
+        v = self.dit.apply({"params": params}, x_t, t, tokens, positions=batch["positions"],
+                           segment_ids=ids, text_segment_ids=batch["text_segment_ids"])
+        err = jnp.square(v - (noise - x0)).mean(-1)  # [B, L]
+        real = (ids > 0).astype(jnp.float32)
+        return (err * real).sum() / jnp.maximum(real.sum(), 1.0), {}
 
     def evaluate(self, params, batch: dict, stats: Stats, key: jax.Array) -> dict:
         """{"loss": mean over the eval timesteps, "loss_by_t": [num_t]}."""

@@ -70,7 +70,8 @@ def train(cfg: Config, *, system: System | None = None, log=print) -> dict:
     trainer = build_trainer(cfg, system)
     system = trainer.system
     state, tokenizer = trainer.state, physics_tokenizer(cfg.text.max_length)
-    data_iter = train_iterator(cfg.data, tokenizer, tc.batch_size, shuffle_seed=tc.seed)
+    data_iter = train_iterator(cfg.data, tokenizer, tc.batch_size, shuffle_seed=tc.seed,
+                               patch=cfg.model.patch)
     eval_batch = trainer.device_batch(
         fixed_batch(cfg.data, tokenizer, "eval", cfg.data.num_eval_clips))
     eval_key = jax.random.key(tc.seed + 1)
