@@ -274,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from vdit.config import ConfigError
     from vdit.export.safetensors_io import ExportError
+    from vdit.train.guards import TrainingStopped
 
     _setup_jax()
     try:
@@ -281,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ExportError, FileNotFoundError) as e:
         print(f"vdit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:
+        print(f"vdit {args.command}: stopped: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

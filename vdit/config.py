@@ -235,11 +235,12 @@ class TrainConfig:
     async_checkpoint: bool = True
     tensorboard: bool = True
     sample_at_end: bool = True
+    max_bad_steps: int = 10  # consecutive non-finite steps (skipped) before the run stops
 
     def validate(self) -> list[str]:
         problems = _positive(
             self, "steps", "batch_size", "lr", "log_every", "eval_every", "checkpoint_every",
-            "keep_checkpoints", "grad_clip",
+            "keep_checkpoints", "grad_clip", "max_bad_steps",
         )
         if self.warmup_steps < 0:
             problems.append(f"warmup_steps: must be >= 0, got {self.warmup_steps}")

@@ -34,6 +34,13 @@ def export_run(run_dir: str | Path, *, to: str = "safetensors", out: str | Path 
         params = params["vae"]
     info = {"kind": kind, "config": config_lib.to_dict(cfg), "step": int(state["step"]),
             "weights": "raw" if raw else "ema"}
+    if kind == "dit":  # what turns a caption into the tokens the weights were trained on
+        from vdit.models.text import BOS, PAD, UNK, physics_tokenizer
+
+        tok = physics_tokenizer(cfg.text.max_length)
+        info["tokenizer"] = {"kind": "words", "pattern": "[a-z]+ after lower-casing",
+                             "max_length": tok.max_length, "bos": BOS, "pad": PAD, "unk": UNK,
+                             "words": list(tok.words)}
     out = Path(out) if out else run_dir / f"export_{to}"
     tensors = {"params": params, "stats": state["stats"]}
     if to == "params":

@@ -32,11 +32,29 @@ class Checkpointer:
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
-    def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict]:
-        """Restore into the structure, shapes and shardings of `target` (arrays or abstract)."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    def restore(self, target: Any, step: int | None = None, log=None) -> tuple[Any, dict]:
+        """Restore into the structure, shapes and shardings of `target` (arrays or abstract).
+
+        Without `step`, the newest checkpoint that reads back whole: a truncated or corrupt one
+        is reported (through `log`), moved aside to `corrupt-STEP` and the next older is used."""
+        if step is not None:
+            return self._restore(target, step)
+        for candidate in sorted(self.all_steps(), reverse=True):
+            try:
+                return self._restore(target, candidate)
+            except Exception as e:  # orbax/tensorstore raise many types for damaged files
+                bad = self.directory / str(candidate)
+                aside = self.directory / f"corrupt-{candidate}"
+                if bad.exists():
+                    bad.rename(aside)
+                self.manager.reload()
+                message = (f"checkpoint step {candidate} in {self.directory} cannot be read "
+                           f"({type(e).__name__}: {str(e)[:200]}); moved to {aside.name}, "
+                           "trying the previous one")
+                (log or print)(message)
+        raise FileNotFoundError(f"no readable checkpoint in {self.directory}")
+
+    def _restore(self, target: Any, step: int) -> tuple[Any, dict]:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))

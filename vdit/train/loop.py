@@ -19,6 +19,7 @@ from vdit.data.pipeline import fixed_batch, train_iterator
 from vdit.models.text import physics_tokenizer
 from vdit.scaling.flops import train_flops_per_step
 from vdit.train.checkpoint import Checkpointer
+from vdit.train.guards import NonFiniteGuard, PreemptionWatch, TrainingStopped
 from vdit.train.metrics import MetricsWriter, plot_losses, read_metrics
 from vdit.train.run_dir import check_resume_compatible, save_config
 from vdit.train.state import System, TrainState, count_params
@@ -83,15 +84,18 @@ def train(cfg: Config, *, system: System | None = None, log=print) -> dict:
     ckpt = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints,
                         async_save=tc.async_checkpoint)
 
-    with trainer.context():
+    with trainer.context(), PreemptionWatch() as watch:
         start = 0
         if ckpt.latest_step() is not None:
-            state, meta = ckpt.restore(state)
+            state, meta = ckpt.restore(state, log=log)
             data_iter.set_state(meta["data_iterator"])
             start = int(state.step)
             log(f"resumed {run_dir} at step {start}")
 
-        batch = trainer.device_batch(next(data_iter))
+        guard = NonFiniteGuard(tc.max_bad_steps)
+        host = next(data_iter)
+        guard.remember(start + 1, host.get("seed", []))
+        batch = trainer.device_batch(host)
         t0 = time.perf_counter()
         compiled = trainer.step_fn.lower(state, batch).compile()
         compile_s = time.perf_counter() - t0
@@ -125,15 +129,19 @@ def train(cfg: Config, *, system: System | None = None, log=print) -> dict:
         pbar = tqdm(total=tc.steps, initial=start, desc="train", dynamic_ncols=True,
                     mininterval=1.0)
         pending, window_t, window_steps = None, time.perf_counter(), 0
+        preempted = stop_reason = None
         for step in range(start, tc.steps):
             if step > start:
-                batch = trainer.device_batch(next(data_iter))
+                host = next(data_iter)
+                guard.remember(step + 1, host.get("seed", []))
+                batch = trainer.device_batch(host)
             state, metrics = compiled(state, batch)
             done = step + 1
             # Read the previous step's metrics: the device is busy with this one meanwhile.
             if pending is not None:
                 p_step, p_metrics = pending
                 jax.block_until_ready(p_metrics)  # keep at most one step in flight
+                stop_reason = guard.observe(p_step, bool(p_metrics["skipped"]))
                 if p_step % tc.log_every == 0 or p_step == start + 1:
                     now = time.perf_counter()
                     sec = (now - window_t) / max(window_steps, 1)
@@ -154,15 +162,27 @@ def train(cfg: Config, *, system: System | None = None, log=print) -> dict:
                 writer.write(done, ev)
                 pbar.write(f"step {done}: {_describe(system, ev)}")
                 window_t, window_steps = time.perf_counter(), 0  # keep eval out of step time
-            if done % tc.checkpoint_every == 0 or done == tc.steps:
+            if watch.requested(done):
+                preempted = done
+            if (done % tc.checkpoint_every == 0 or done == tc.steps or preempted
+                    or stop_reason):
                 if system.kind == "autoencoder":  # latent statistics travel with each checkpoint
                     state = state.replace(stats=stats_fn(state.ema_params, stats_videos))
                 ckpt.save(done, state, meta())
+            if preempted or stop_reason:
+                break
         pbar.close()
         if pending is not None:
             writer.write(pending[0], {k: float(v) for k, v in jax.device_get(pending[1]).items()})
         ckpt.close()
         writer.close()
+        if stop_reason:
+            raise TrainingStopped(f"{stop_reason}. The last good state is checkpointed in "
+                                  f"{run_dir / 'checkpoints'} at step {done} for inspection.")
+        if preempted:
+            log(f"preemption notice: stopped at step {preempted}, checkpoint saved; "
+                "run the same command to resume")
+            return {"run_dir": str(run_dir), "preempted_at": preempted}
 
         records = read_metrics(writer.path)
         plot_losses(records, run_dir / "loss.png")

@@ -15,7 +15,7 @@ from vdit.train.trainer import build_trainer
 RESUMABLE_KEYS = (
     "train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
     "train.keep_checkpoints", "train.async_checkpoint", "train.tensorboard",
-    "train.sample_at_end", "data.prefetch", "mesh.", "sample.",
+    "train.sample_at_end", "train.max_bad_steps", "data.prefetch", "mesh.", "sample.",
 )
 
 

@@ -20,16 +20,22 @@ def train_step(state: TrainState, batch: dict, *, system: System,
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     (loss, aux), grads = jax.value_and_grad(system.loss, has_aux=True)(
         state.params, batch, state.stats, key, state.step)
+    grad_norm = optax.tree.norm(grads)
+    # A non-finite loss or gradient skips the update (params, optimizer and EMA unchanged): one
+    # bad batch must not poison the run. The loop counts skips and stops after too many.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # EMA with a warm-up, so early averages are not dominated by the random init.
     step = state.step.astype(jnp.float32)
     decay = jnp.minimum(cfg.ema_decay, (1.0 + step) / (10.0 + step))
     ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, params)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-               "lr": lr_schedule(cfg)(state.step), **aux}
-    new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,
-                              opt_state=opt_state)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_schedule(cfg)(state.step),
+               "skipped": 1 - finite.astype(jnp.int32), **aux}
+    new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                              ema_params=keep(ema, state.ema_params),
+                              opt_state=keep(opt_state, state.opt_state))
     return new_state, metrics
 
 

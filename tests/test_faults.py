@@ -1,0 +1,137 @@
+"""Faults: non-finite steps, preemption notices, corrupt checkpoints, malformed configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+import yaml
+from conftest import tiny_dict
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vdit.config import ConfigError, from_dict
+from vdit.diffusion.text_to_video import TextToVideo
+from vdit.train.guards import TrainingStopped
+from vdit.train.loop import train
+from vdit.train.metrics import read_metrics
+
+
+class NonFiniteAt(TextToVideo):
+    """The DiT system, with the loss replaced by NaN at the given (0-based) steps."""
+
+    def __init__(self, cfg, bad_steps):
+        super().__init__(cfg)
+        self.bad_steps = tuple(bad_steps)
+
+    def loss(self, params, batch, stats, key, step=None):
+        loss, aux = super().loss(params, batch, stats, key, step)
+        return jnp.where(jnp.isin(step, jnp.asarray(self.bad_steps)), jnp.nan, loss), aux
+
+
+def _cfg(run_dir: Path, **train):
+    d = tiny_dict(run_dir)
+    d["train"].update(train)
+    return from_dict(d)
+
+
+def _final_params(run_dir: Path):
+    from vdit.train.run_dir import load_run
+
+    return load_run(run_dir)[2].params
+
+
+def test_a_non_finite_step_is_skipped_and_counted(tmp_path):
+    cfg = _cfg(tmp_path / "run", steps=4, checkpoint_every=4)
+    train(cfg, system=NonFiniteAt(cfg, [1]), log=lambda *_: None)
+    skipped = {r["step"]: r["skipped"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")
+               if "skipped" in r}
+    assert skipped[2] == 1 and skipped[1] == skipped[3] == 0
+    assert all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(_final_params(
+        tmp_path / "run")))
+
+
+def test_a_run_of_non_finite_steps_stops_naming_steps_and_sources_with_a_checkpoint(tmp_path):
+    cfg = _cfg(tmp_path / "run", steps=12, checkpoint_every=100, max_bad_steps=3)
+    with pytest.raises(TrainingStopped, match=r"not finite at steps 3-5 .*Source ids") as err:
+        train(cfg, system=NonFiniteAt(cfg, range(2, 12)), log=lambda *_: None)
+    assert "checkpointed" in str(err.value)
+    params = _final_params(tmp_path / "run")  # the last good params, for inspection
+    assert all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(params))
+
+
+def test_a_corrupt_latest_checkpoint_is_reported_and_the_previous_one_used(tmp_path):
+    run = tmp_path / "run"
+    train(_cfg(run, steps=4), log=lambda *_: None)
+    newest = run / "checkpoints" / "4"
+    for f in [p for p in newest.rglob("*") if p.is_file() and p.stat().st_size > 0]:
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # truncated files
+    lines: list[str] = []
+    summary = train(_cfg(run, steps=6), log=lambda m: lines.append(str(m)))
+    assert any("checkpoint step 4" in m and "cannot be read" in m for m in lines), lines
+    assert any("resumed" in m and "at step 2" in m for m in lines), lines
+    assert (run / "checkpoints" / "corrupt-4").exists()
+    assert summary["eval_loss_end"] > 0
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_zero_then_the_run_resumes(tmp_path):
+    run = tmp_path / "run"
+    d = tiny_dict(run)
+    d["train"].update(steps=100000, checkpoint_every=100000, eval_every=100000)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(d))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen([sys.executable, "-m", "vdit.cli", "train", str(tmp_path / "cfg.yaml")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and len(
+            metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.5)  # polling a running process, not waiting for time to pass
+    assert proc.poll() is None, proc.stdout.read()
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert time.time() - sent < 30
+    assert "preemption notice: stopped at step" in out
+    stopped = int(out.split("stopped at step ")[1].split(",")[0])
+    steps = [int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()]
+    assert stopped in steps
+    d["train"]["steps"] = stopped + 2
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(d))
+    from vdit.cli import main
+
+    assert main(["train", str(tmp_path / "cfg.yaml")]) == 0
+    assert json.loads(metrics.read_text().splitlines()[-1])["step"] >= stopped + 1
+
+
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 10**6), st.floats(-1e3, 1e3),
+                     st.text(max_size=8), st.lists(st.integers(-3, 64), max_size=4))
+_sections = st.sampled_from(["model", "text", "autoencoder", "data", "diffusion", "sample",
+                             "train", "mesh", "bogus"])
+_keys = st.sampled_from(["width", "depth", "heads", "patch", "factors", "kind", "frames",
+                         "world", "steps", "lr", "shift", "guidance", "data", "rules",
+                         "channels", "tile", "chunk_frames", "max_length", "nonsense"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(_sections, st.one_of(_scalars, st.dictionaries(_keys, _scalars,
+                                                                       max_size=4)),
+                       max_size=4))
+def test_random_configs_give_a_config_or_a_config_error_never_a_crash(data):
+    base = tiny_dict()
+    for section, value in data.items():
+        base[section] = ({**base.get(section, {}), **value} if isinstance(value, dict)
+                         and isinstance(base.get(section), dict) else value)
+    try:
+        from_dict(base)
+    except ConfigError as e:
+        assert str(e)  # every refusal says what is wrong
