@@ -14,6 +14,15 @@ class MetricsWriter:
     def __init__(self, run_dir: str | Path, tensorboard: bool = True):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # A process killed mid-write leaves a torn last line: end it, so the records appended
+        # from now on stay readable (read_metrics skips the torn one).
+        if self.path.exists() and self.path.stat().st_size:
+            with self.path.open("rb") as f:
+                f.seek(-1, 2)
+                torn = f.read(1) != b"\n"
+            if torn:
+                with self.path.open("a") as f:
+                    f.write("\n")
         self.tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
