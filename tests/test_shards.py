@@ -347,3 +347,34 @@ def test_training_on_packed_shards(tmp_path):
     train(from_dict(d), log=lambda s: None)
     losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert len(losses) == 2 and np.isfinite(losses).all()
+
+
+def test_multiprocess_prefetch_resumes_exactly(tmp_path):
+    """With Grain prefetch processes (data.workers) the stream is deterministic and resumes
+    exactly from a saved state (its order depends on the number of workers)."""
+    from vdit.data.shard_pipeline import shard_iterator
+
+    write_dataset(tmp_path, n=24, bucket=(2, 4, 4))
+    kw = dict(batch=2, caption_length=8, seed=0, workers=1, prefetch=1)
+    it = shard_iterator(str(tmp_path), **kw)
+    first = [clip_ids(next(it)) for _ in range(3)]
+    state = it.get_state()
+    rest = [clip_ids(next(it)) for _ in range(4)]
+    again = shard_iterator(str(tmp_path), **kw)
+    assert [clip_ids(next(again)) for _ in range(3)] == first
+    again.set_state(state)
+    assert [clip_ids(next(again)) for _ in range(4)] == rest
+    assert sorted(itertools.chain(*first, *rest)) == sorted(set(itertools.chain(*first, *rest)))
+
+
+def test_cli_tokenize(tmp_path, capsys):
+    from vdit.cli import main
+
+    args = ["tokenize", str(tmp_path / "out"), "autoencoder.kind=space_to_depth",
+            "autoencoder.factors=[1,4,4]", "data.world.frames=4", "data.world.height=16",
+            "data.world.width=16", "--physics", "3", "--buckets"]
+    assert main([*args, "4x16"]) == 2
+    assert "--buckets" in capsys.readouterr().err
+    assert main([*args, "4x16x16"]) == 0
+    assert "tokenized 3 clips" in capsys.readouterr().out
+    assert read_index(tmp_path / "out", verify=True)["buckets"] == {"4x16x16": 3}
