@@ -378,3 +378,25 @@ def test_cli_tokenize(tmp_path, capsys):
     assert main([*args, "4x16x16"]) == 0
     assert "tokenized 3 clips" in capsys.readouterr().out
     assert read_index(tmp_path / "out", verify=True)["buckets"] == {"4x16x16": 3}
+
+
+def test_tokenize_splits_shards_over_processes(tmp_path):
+    from vdit.data.buckets import parse_buckets
+    from vdit.data.physics import WorldConfig
+    from vdit.data.sources import PhysicsSource
+    from vdit.data.tokenize import TokenizeOptions, tokenize
+
+    source = PhysicsSource(WorldConfig(frames=4, height=16, width=16), 0, 7)
+
+    def opts(p):
+        return TokenizeOptions(tmp_path, parse_buckets("4x16x16"), shard_size=2, process=p,
+                               processes=2)
+
+    assert tokenize(source, _config(), opts(1), log_fn=lambda s: None) is None  # 1 and 3
+    assert sorted(p.name for p in tmp_path.glob("*.array_record")) == [
+        "shard-00001-of-00004.array_record", "shard-00003-of-00004.array_record"]
+    index = tokenize(source, _config(), opts(0), log_fn=lambda s: None)  # 0 and 2, then index
+    assert index["num_records"] == 7 and [s["records"] for s in index["shards"]] == [2, 2, 2, 1]
+    ids = [decode_record(r).source_id for s in index["shards"]
+           for r in read_shard(tmp_path / s["name"])]
+    assert ids == [source.load(i).source_id for i in range(7)]  # input order
