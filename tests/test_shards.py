@@ -400,3 +400,16 @@ def test_tokenize_splits_shards_over_processes(tmp_path):
     ids = [decode_record(r).source_id for s in index["shards"]
            for r in read_shard(tmp_path / s["name"])]
     assert ids == [source.load(i).source_id for i in range(7)]  # input order
+
+
+def test_shards_of_another_autoencoder_are_refused(tmp_path):
+    from vdit.config import ConfigError, load_config
+    from vdit.data.shard_pipeline import check_shards
+
+    write_index(tmp_path, [], {"autoencoder": {"kind": "space_to_depth", "factors": [1, 4, 4],
+                                               "latent_channels": 16}})
+    check_shards(str(tmp_path), _config().autoencoder)
+    other = load_config(None, ["autoencoder.kind=space_to_depth",
+                               "autoencoder.factors=[2,4,4]"]).autoencoder
+    with pytest.raises(ConfigError, match=r"autoencoder\.factors"):
+        check_shards(str(tmp_path), other)

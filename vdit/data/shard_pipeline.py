@@ -107,6 +107,22 @@ def shard_dataset(directory: str, *, batch: int, caption_length: int, seed: int,
     raise ValueError(f"data.batching: 'bucket' or 'pack', got {mode!r}")
 
 
+def check_shards(directory: str, autoencoder) -> dict:
+    """The index of `directory`, refused (ConfigError naming the key) when its latents come
+    from another autoencoder than the config's `autoencoder` section."""
+    from vdit.config import ConfigError
+
+    index = read_index(directory)
+    stored = index.get("autoencoder", {})
+    bad = [f"autoencoder.{k}: config {getattr(autoencoder, k)!r}, shards {stored[k]!r}"
+           for k in ("kind", "factors", "latent_channels") if k in stored
+           and list(np.atleast_1d(stored[k])) != list(np.atleast_1d(getattr(autoencoder, k)))]
+    if bad:
+        raise ConfigError(f"data.shards {directory!r} were encoded by another autoencoder:\n  "
+                          + "\n  ".join(bad))
+    return index
+
+
 def first_clips(directory: str, count: int, caption_length: int) -> dict:
     """The first `count` clips of the most common bucket, stacked: {"latent" [N, T', H', W', C],
     "tokens" int32 [N, S]} (eval batches and latent statistics)."""

@@ -55,6 +55,10 @@ def build_trainer(cfg: Config, system: System | None = None) -> Trainer:
     mesh, rules = make_mesh(cfg.mesh), get_rules(cfg.mesh.rules)
     system = system if system is not None else TextToVideo(cfg)
     tx = make_optimizer(cfg.train)
+    if cfg.data.source == "shards":
+        from vdit.data.shard_pipeline import check_shards
+
+        check_shards(cfg.data.shards, cfg.autoencoder)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         clips = fixed_batch(cfg.data, physics_tokenizer(cfg.text.max_length), "train",
                             cfg.data.stats_clips)
