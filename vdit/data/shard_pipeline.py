@@ -25,6 +25,8 @@ from vdit.data.shards import ShardRecordError, decode_record, read_index, shard_
 log = logging.getLogger(__name__)
 # Records skipped in this process, by reason (each prefetch worker counts its own).
 SKIPPED: Counter = Counter()
+MAX_CORRUPT_IN_A_ROW = 1000
+_IN_A_ROW = [0]  # consecutive corrupt records read by this process
 
 
 @dataclass(frozen=True)
@@ -42,8 +44,15 @@ class ShardReader:
             rec = decode_record(self.source[int(index)])
         except ShardRecordError as e:
             SKIPPED["corrupt_record"] += 1
+            _IN_A_ROW[0] += 1
             log.warning("skipping record %d: %s", index, e)
+            # An endless stream of nothing but bad records would spin forever: stop loudly.
+            if _IN_A_ROW[0] >= MAX_CORRUPT_IN_A_ROW:
+                raise ShardRecordError(
+                    f"{MAX_CORRUPT_IN_A_ROW} corrupt records in a row (the last: record "
+                    f"{index}: {e}); the shards are damaged — re-run vdit tokenize") from None
             return None
+        _IN_A_ROW[0] = 0
         tokens = np.zeros(self.caption_length, np.int32)  # PAD = 0, truncate or pad
         n = min(len(rec.tokens), self.caption_length)
         tokens[:n] = rec.tokens[:n]
