@@ -12,6 +12,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 import yaml
 from conftest import tiny_dict
@@ -135,3 +136,33 @@ def test_random_configs_give_a_config_or_a_config_error_never_a_crash(data):
         from_dict(base)
     except ConfigError as e:
         assert str(e)  # every refusal says what is wrong
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=512), st.integers(0, 10**6))
+def test_random_and_truncated_bytes_into_the_record_decoder_give_a_named_error(data, cut):
+    from test_shards import make_record
+
+    from vdit.data.shards import ShardRecordError, decode_record, encode_record
+
+    good = encode_record(make_record(3))
+    for blob in (data, good[: cut % len(good)], good[:8] + data):
+        try:
+            decode_record(blob)
+        except ShardRecordError as e:
+            assert str(e)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.binary(min_size=0, max_size=4096))
+def test_random_bytes_as_a_video_file_give_a_clean_error(tmp_path_factory, data):
+    from vdit.data.video_io import read_video
+
+    path = tmp_path_factory.mktemp("fuzz") / "clip.mp4"
+    path.write_bytes(data)
+    try:
+        frames, _ = read_video(path)
+    except ValueError as e:
+        assert str(e)
+    else:
+        assert frames.ndim == 4 and frames.dtype == np.uint8
