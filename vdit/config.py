@@ -38,7 +38,8 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; params stay float32
     remat: Literal["none", "full", "dots"] = "none"
     scan_layers: bool = True
-    attention: Literal["auto", "xla", "cudnn"] = "auto"
+    attention: Literal["auto", "xla", "cudnn", "pallas", "pallas_gpu", "pallas_tpu"] = "auto"
+    attention_blocks: tuple[int, int] = (0, 0)  # Pallas (query, key) tiles; 0: backend default
     rope_theta: float = 10000.0
 
     def validate(self) -> list[str]:
@@ -46,6 +47,9 @@ class ModelConfig:
         problems += [f"patch: every entry must be >= 1, got {self.patch}"] * any(
             p < 1 for p in self.patch
         )
+        problems += [f"attention_blocks: multiples of 8 (0: default), got "
+                     f"{self.attention_blocks}"] * any(b < 0 or b % 8 for b in
+                                                       self.attention_blocks)
         if self.heads > 0 and self.width % self.heads:
             problems.append(f"width: {self.width} is not divisible by heads={self.heads}")
         elif self.heads > 0 and (self.width // self.heads) % 8:

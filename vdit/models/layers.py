@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from vdit.models.rope import apply_rope
 from vdit.ops.attention import attention
+from vdit.ops.pallas.common import BlockSizes
 
 Dtype = Any
 
@@ -63,6 +64,7 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
     impl: str = "auto"
     zero_out: bool = False  # zero-init the output projection (residual branch starts at 0)
+    blocks: tuple[int, int] | None = None  # Pallas (query, key) tile; None: backend default
 
     @nn.compact
     def __call__(self, x, context=None, kv_mask=None, rope=None, segment_ids=None):
@@ -83,7 +85,10 @@ class Attention(nn.Module):
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", "act_kv"))
         # segment_ids (packed clips): [B, N], or ([B, N], [B, S]) for cross-attention.
-        out = attention(q, k, v, kv_mask=kv_mask, segment_ids=segment_ids, impl=self.impl)
+        tiles = None if self.blocks is None else BlockSizes(*self.blocks, *self.blocks,
+                                                            *self.blocks)
+        out = attention(q, k, v, kv_mask=kv_mask, segment_ids=segment_ids, impl=self.impl,
+                        blocks=tiles)
         return Linear((d,), ("heads", "kv", "embed"), in_dims=2, dtype=self.dtype,
                       zero=self.zero_out, name="out")(out)
 
