@@ -166,3 +166,26 @@ def test_random_bytes_as_a_video_file_give_a_clean_error(tmp_path_factory, data)
         assert str(e)
     else:
         assert frames.ndim == 4 and frames.dtype == np.uint8
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint_and_stops_cleanly(tmp_path, monkeypatch):
+    import errno
+
+    from vdit.train.checkpoint import Checkpointer
+
+    real_save = Checkpointer.save
+
+    def save(self, step, state, meta):
+        if step >= 4:  # the disk fills up after the first checkpoint
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(self, step, state, meta)
+
+    monkeypatch.setattr(Checkpointer, "save", save)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingStopped, match=r"step 4 failed .*No space left.*step 2\) is kept"):
+        train(_cfg(run, steps=6, async_checkpoint=True), log=lambda *_: None)
+    monkeypatch.setattr(Checkpointer, "save", real_save)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2"]
+    lines: list[str] = []
+    train(_cfg(run, steps=6), log=lambda m: lines.append(str(m)))  # resumes from step 2
+    assert any("resumed" in m and "at step 2" in m for m in lines), lines

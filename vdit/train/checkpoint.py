@@ -69,6 +69,18 @@ class Checkpointer:
             state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
         return jax.device_get(out["state"]), dict(out["meta"])
 
+    def abandon(self) -> None:
+        """After a failed save: drop unfinished temporary directories (orbax never promotes them
+        to a step), so only complete checkpoints remain."""
+        import contextlib
+        import shutil
+
+        # The failure that brought us here may resurface on close.
+        with contextlib.suppress(Exception):
+            self.manager.close()
+        for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

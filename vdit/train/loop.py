@@ -168,7 +168,16 @@ def train(cfg: Config, *, system: System | None = None, log=print) -> dict:
                     or stop_reason):
                 if system.kind == "autoencoder":  # latent statistics travel with each checkpoint
                     state = state.replace(stats=stats_fn(state.ema_params, stats_videos))
-                ckpt.save(done, state, meta())
+                try:
+                    ckpt.save(done, state, meta())
+                except OSError as e:  # a full or failing disk: keep what is saved, stop clean
+                    ckpt.abandon()
+                    writer.close()
+                    raise TrainingStopped(
+                        f"saving the checkpoint of step {done} failed ({e}); the previous "
+                        f"checkpoint (step {ckpt.latest_step()}) is kept in "
+                        f"{run_dir / 'checkpoints'}. Free space, then run the same command "
+                        "to resume.") from None
             if preempted or stop_reason:
                 break
         pbar.close()
