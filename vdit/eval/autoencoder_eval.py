@@ -27,7 +27,7 @@ def evaluate_autoencoder(path: str | Path, *, clips: int = 64, batch: int = 8,
     params = {"vae": jax.tree.map(jnp.asarray, params)}
     videos = fixed_batch(cfg.data, physics_tokenizer(cfg.text.max_length), "eval",
                          clips)["video"]
-    metrics = jax.jit(lambda p, v: system.evaluate_per_clip(p, v))
+    metrics = jax.jit(system.evaluate_per_clip)
     psnrs, ssims = [], []
     t0 = time.perf_counter()
     for i in tqdm(range(0, clips, batch), desc="eval-ae", dynamic_ncols=True):

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from vdit.diffusion.text_to_video import TextToVideo
 from vdit.export.safetensors_io import read_export
@@ -65,14 +64,3 @@ def export_sampler(export_dir: str | Path, platforms: tuple[str, ...] = PLATFORM
     }, indent=2))
     return export_dir / PROGRAM
 
-
-def run_exported(export_dir: str | Path, tokens: np.ndarray, key_data: np.ndarray) -> np.ndarray:
-    """Call a serialized sampler with its weights: uint8 frames [b, T, H, W, 3]."""
-    from safetensors.numpy import load_file
-
-    from vdit.export.safetensors_io import unflatten
-
-    export_dir = Path(export_dir)
-    exported = jax.export.deserialize(bytearray((export_dir / PROGRAM).read_bytes()))
-    tensors = unflatten(load_file(str(export_dir / "model.safetensors")))
-    return np.asarray(exported.call(tensors["params"], tensors["stats"], tokens, key_data))

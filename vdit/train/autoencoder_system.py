@@ -89,15 +89,15 @@ class AutoencoderSystem:
     # --- evaluation ---------------------------------------------------------------------------
     def evaluate(self, params: dict, batch: dict, stats: Stats, key: jax.Array) -> dict:
         """Reconstruction quality of the posterior mean on a fixed batch, in uint8 space."""
-        x = batch["video"]
-        recon = self.reconstruct(params, x)
-        return {"psnr": jnp.mean(psnr(recon, x)), "ssim": jnp.mean(ssim(recon, x)),
-                "l1": jnp.mean(jnp.abs(recon.astype(jnp.float32) - x.astype(jnp.float32)))}
+        return {k: jnp.mean(v) for k, v in self.evaluate_per_clip(params, batch["video"]).items()}
 
     def evaluate_per_clip(self, params: dict, videos: jax.Array) -> dict:
-        """{"psnr": [B] dB, "ssim": [B]} of the reconstructions of uint8 videos."""
+        """{"psnr": [B] dB, "ssim": [B], "l1": [B] (uint8 levels)} of the reconstructions of
+        uint8 videos [B, T, H, W, 3]."""
         recon = self.reconstruct(params, videos)
-        return {"psnr": psnr(recon, videos), "ssim": ssim(recon, videos)}
+        err = jnp.abs(recon.astype(jnp.float32) - videos.astype(jnp.float32))
+        return {"psnr": psnr(recon, videos), "ssim": ssim(recon, videos),
+                "l1": err.mean(axis=(1, 2, 3, 4))}
 
     def reconstruct(self, params: dict, videos: jax.Array) -> jax.Array:
         """uint8 [B, T, H, W, 3] -> its uint8 reconstruction through the posterior mean."""

@@ -51,8 +51,7 @@ class NonFiniteGuard:
 
     def __init__(self, limit: int):
         self.limit = limit
-        self.run: list[int] = []
-        self.total = 0
+        self.run: list[int] = []  # the current run of consecutive skipped steps
         self.sources: deque = deque(maxlen=4)  # (step, source ids) of recent batches
 
     def remember(self, step: int, source_ids) -> None:
@@ -63,7 +62,6 @@ class NonFiniteGuard:
         if not skipped:
             self.run = []
             return None
-        self.total += 1
         self.run.append(step)
         if len(self.run) < self.limit:
             return None
