@@ -29,10 +29,20 @@ def _load(config: str | None, overrides: list[str]):
     return load_config(config, overrides)
 
 
+def _join_cluster() -> None:
+    """Multi-host runs: every process joins before touching a device (see
+    vdit/parallel/distributed.py for the environment variables)."""
+    from vdit.parallel.distributed import initialize
+
+    initialize()
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from vdit.train.loop import train
 
-    train(_load(args.config, args.overrides))
+    cfg = _load(args.config, args.overrides)
+    _join_cluster()
+    train(cfg)
     return 0
 
 
@@ -46,6 +56,7 @@ def _cmd_train_ae(args: argparse.Namespace) -> int:
         args.overrides = ([config] if config else []) + list(args.overrides)
         config = str(AUTOENCODER_CONFIG)
     cfg = _load(config, args.overrides)
+    _join_cluster()
     train(cfg, system=AutoencoderSystem(cfg))
     return 0
 
@@ -274,12 +285,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from vdit.config import ConfigError
     from vdit.export.safetensors_io import ExportError
+    from vdit.parallel.distributed import DistributedError
     from vdit.train.guards import TrainingStopped
 
     _setup_jax()
     try:
         return args.func(args)
-    except (ConfigError, ExportError, FileNotFoundError) as e:
+    except (ConfigError, ExportError, DistributedError, FileNotFoundError) as e:
         print(f"vdit {args.command}: error: {e}", file=sys.stderr)
         return 2
     except TrainingStopped as e:

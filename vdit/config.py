@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from vdit.data.physics import WorldConfig
+from vdit.parallel.rules import MESH_AXES, RULE_TABLES, axes_used, get_rules
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "default.yaml"
 AUTOENCODER_CONFIG = DEFAULT_CONFIG.with_name("autoencoder.yaml")  # `vdit train-ae` default
@@ -240,12 +241,16 @@ class TrainConfig:
     tensorboard: bool = True
     sample_at_end: bool = True
     max_bad_steps: int = 10  # consecutive non-finite steps (skipped) before the run stops
+    microbatches: int = 1  # gradient accumulation: the batch is cut into this many slices
 
     def validate(self) -> list[str]:
         problems = _positive(
             self, "steps", "batch_size", "lr", "log_every", "eval_every", "checkpoint_every",
-            "keep_checkpoints", "grad_clip", "max_bad_steps",
+            "keep_checkpoints", "grad_clip", "max_bad_steps", "microbatches",
         )
+        if self.microbatches > 0 and self.batch_size % self.microbatches:
+            problems.append(f"microbatches: {self.microbatches} does not divide batch_size "
+                            f"{self.batch_size}")
         if self.warmup_steps < 0:
             problems.append(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
         for name in ("min_lr_ratio", "ema_decay", "b1", "b2"):
@@ -256,22 +261,46 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh axis sizes (-1: the devices left over); `rules` names a logical-axis table."""
+    """Device mesh axis sizes within a slice (-1: the devices left over) and across slices
+    (`dcn_*`: multi-slice TPU pods, or GPU nodes); `rules` names a logical-axis table
+    (vdit/parallel/rules.py) and `rule_overrides` adjusts it: [[logical, mesh_axis, ...], ...]."""
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
     context: int = 1
-    rules: Literal["default"] = "default"
+    dcn_data: int = 1  # slices (or nodes) holding data-parallel replicas
+    dcn_fsdp: int = 1  # slices (or nodes) a parameter shard spans
+    rules: Literal["default", "dp", "fsdp", "fsdp_tp", "context"] = "default"
+    rule_overrides: tuple[tuple[str, ...], ...] = ()
 
     def validate(self) -> list[str]:
         sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor,
                  "context": self.context}
         problems = [f"{k}: must be >= 1 or -1, got {v}" for k, v in sizes.items()
                     if v == 0 or v < -1]
+        problems += _positive(self, "dcn_data", "dcn_fsdp")
         if sum(v == -1 for v in sizes.values()) > 1:
             problems.append("data: at most one mesh axis may be -1")
+        for i, override in enumerate(self.rule_overrides):
+            bad = [a for a in override[1:] if a not in MESH_AXES]
+            if not override or bad:
+                problems.append(f"rule_overrides[{i}]: expected [logical_name, mesh_axis...] "
+                                f"with mesh axes from {', '.join(MESH_AXES)}, got {list(override)}")
+        if problems or self.rules not in RULE_TABLES:
+            return problems
+        used = axes_used(get_rules(self.rules, self.rule_overrides))
+        for axis, size in sizes.items():
+            if size > 1 and axis not in used:
+                problems.append(
+                    f"{axis}: {size} devices on an axis that rules '{self.rules}' never shard "
+                    "over (they would hold identical copies); pick a table that uses it "
+                    "(default uses every axis) or set it to 1")
         return problems
+
+    @property
+    def num_slices(self) -> int:
+        return self.dcn_data * self.dcn_fsdp
 
 
 @dataclass(frozen=True)

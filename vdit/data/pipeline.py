@@ -48,9 +48,11 @@ def train_iterator(cfg: DataConfig, tokenizer: WordTokenizer, global_batch: int,
         .seed(shuffle_seed)
         .shuffle()
         .repeat()
-        .slice(slice(host, None, hosts))  # each host reads a disjoint stride of the stream
         .map(lambda i: make_example(cfg, tokenizer, "train", int(i)))
+        # Host h of P reads rows [h * B/P, (h + 1) * B/P) of each global batch: the global
+        # batch, row order included, is the same for any number of hosts (elastic resume).
         .batch(global_batch // hosts, drop_remainder=True)
+        .slice(slice(host, None, hosts))
     )
     options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(cfg.prefetch, 1))
     return iter(ds.to_iter_dataset(read_options=options))

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from vdit.config import Config, to_dict
 from vdit.data.pipeline import fixed_batch, train_iterator
 from vdit.models.text import physics_tokenizer
+from vdit.parallel.distributed import align_processes, is_primary
 from vdit.scaling.flops import train_flops_per_step
 from vdit.train.checkpoint import Checkpointer
 from vdit.train.guards import NonFiniteGuard, PreemptionWatch, TrainingStopped
@@ -66,21 +67,25 @@ def train(cfg: Config, *, system: System | None = None, log=print) -> dict:
     tc = cfg.train
     run_dir = Path(tc.run_dir)
     check_resume_compatible(run_dir, cfg)
-    save_config(run_dir, cfg)
+    primary = is_primary()  # process 0 writes the run's files; every process trains
+    if primary:
+        save_config(run_dir, cfg)
 
     trainer = build_trainer(cfg, system)
     system = trainer.system
     state, tokenizer = trainer.state, physics_tokenizer(cfg.text.max_length)
     data_iter = train_iterator(cfg.data, tokenizer, tc.batch_size, shuffle_seed=tc.seed,
                                patch=cfg.model.patch)
-    eval_batch = trainer.device_batch(
+    eval_batch = trainer.replicated_batch(
         fixed_batch(cfg.data, tokenizer, "eval", cfg.data.num_eval_clips))
     eval_key = jax.random.key(tc.seed + 1)
     if system.kind == "autoencoder":
-        stats_videos = trainer.device_batch(
+        stats_videos = trainer.replicated_batch(
             fixed_batch(cfg.data, tokenizer, "train", cfg.data.stats_clips))["video"]
-        stats_fn = jax.jit(system.latent_stats)
-    writer = MetricsWriter(run_dir, tc.tensorboard)
+        stats_fn = jax.jit(system.latent_stats, out_shardings=jax.tree.map(
+            lambda x: x.sharding, trainer.state.stats))
+    writer = MetricsWriter(run_dir, tc.tensorboard, enabled=primary)
+    align_processes("checkpointer")
     ckpt = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints,
                         async_save=tc.async_checkpoint)
 
@@ -99,6 +104,8 @@ def train(cfg: Config, *, system: System | None = None, log=print) -> dict:
         t0 = time.perf_counter()
         compiled = trainer.step_fn.lower(state, batch).compile()
         compile_s = time.perf_counter() - t0
+        eval_fn = trainer.eval_fn.lower(state.params, eval_batch, state.stats, eval_key).compile()
+        align_processes("compiled")  # every process compiled: the collectives can start
         # Analytic count for the DiT: XLA's cost analysis counts a scanned layer stack only once.
         flops = (train_flops_per_step(cfg) if system.kind == "dit"
                  else compiled.cost_analysis()["flops"])
@@ -118,7 +125,7 @@ def train(cfg: Config, *, system: System | None = None, log=print) -> dict:
             f"{peak / 1e9:.0f} GFLOP/s on {jax.device_count()} device(s) ({peak_src})")
 
         if start == 0:
-            ev = _evaluate(trainer.eval_fn, state, eval_batch, eval_key)
+            ev = _evaluate(eval_fn, state, eval_batch, eval_key)
             writer.write(0, ev)
             log(f"step 0: {_describe(system, ev)}")
 
@@ -127,7 +134,7 @@ def train(cfg: Config, *, system: System | None = None, log=print) -> dict:
                     "system": system.kind}
 
         pbar = tqdm(total=tc.steps, initial=start, desc="train", dynamic_ncols=True,
-                    mininterval=1.0)
+                    mininterval=1.0, disable=not primary)
         pending, window_t, window_steps = None, time.perf_counter(), 0
         preempted = stop_reason = None
         for step in range(start, tc.steps):
@@ -158,7 +165,7 @@ def train(cfg: Config, *, system: System | None = None, log=print) -> dict:
             window_steps += 1
             pbar.update(1)
             if done % tc.eval_every == 0 or done == tc.steps:
-                ev = _evaluate(trainer.eval_fn, state, eval_batch, eval_key)
+                ev = _evaluate(eval_fn, state, eval_batch, eval_key)
                 writer.write(done, ev)
                 pbar.write(f"step {done}: {_describe(system, ev)}")
                 window_t, window_steps = time.perf_counter(), 0  # keep eval out of step time
@@ -166,6 +173,7 @@ def train(cfg: Config, *, system: System | None = None, log=print) -> dict:
                 preempted = done
             if (done % tc.checkpoint_every == 0 or done == tc.steps or preempted
                     or stop_reason):
+                align_processes("checkpoint")
                 if system.kind == "autoencoder":  # latent statistics travel with each checkpoint
                     state = state.replace(stats=stats_fn(state.ema_params, stats_videos))
                 try:
@@ -193,6 +201,8 @@ def train(cfg: Config, *, system: System | None = None, log=print) -> dict:
                 "run the same command to resume")
             return {"run_dir": str(run_dir), "preempted_at": preempted}
 
+        if not primary:
+            return {"run_dir": str(run_dir), "process": jax.process_index()}
         records = read_metrics(writer.path)
         plot_losses(records, run_dir / "loss.png")
         summary = _summarise(system, records, run_dir, log)

@@ -9,10 +9,14 @@ from typing import Any
 
 
 class MetricsWriter:
-    """Appends {"step": s, ...} to run_dir/metrics.jsonl; optional TensorBoard in run_dir/tb."""
+    """Appends {"step": s, ...} to run_dir/metrics.jsonl; optional TensorBoard in run_dir/tb.
+    Disabled (`enabled=False`) on all but one process of a multi-host run."""
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True):
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, enabled: bool = True):
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled, self.tb = enabled, None
+        if not enabled:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # A process killed mid-write leaves a torn last line: end it, so the records appended
         # from now on stay readable (read_metrics skips the torn one).
@@ -23,13 +27,14 @@ class MetricsWriter:
             if torn:
                 with self.path.open("a") as f:
                     f.write("\n")
-        self.tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
 
             self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
 
     def write(self, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         record = {"step": int(step), **{k: _plain(v) for k, v in values.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")

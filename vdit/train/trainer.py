@@ -12,9 +12,9 @@ import flax.linen as nn
 import jax
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from vdit.config import Config
+from vdit.config import Config, ConfigError
 from vdit.data.pipeline import fixed_batch
 from vdit.diffusion.text_to_video import TextToVideo
 from vdit.models.text import physics_tokenizer
@@ -37,9 +37,25 @@ class Trainer:
     eval_fn: Any  # jitted (params, batch, stats, key) -> {metric: array}
 
     def device_batch(self, host: dict) -> dict:
-        """Host-local numpy batch -> global jax.Arrays sharded over the batch axes."""
+        """This host's rows of the global batch (numpy) -> global jax.Arrays sharded over the
+        batch axes."""
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
                 for k, v in host.items() if k != "seed"}
+
+    def replicated_batch(self, full: dict) -> dict:
+        """A batch every host holds whole (eval clips, statistics clips) -> global jax.Arrays
+        sharded over the batch axes; each host places only the rows its devices own."""
+        out = {}
+        for k, v in full.items():
+            if k == "seed":
+                continue
+            v = np.asarray(v)
+            shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+            # A few eval clips need not divide the batch shards: then every device holds all.
+            sharding = (self.batch_sharding if len(v) % shards == 0
+                        else NamedSharding(self.mesh, PartitionSpec()))
+            out[k] = jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
+        return out
 
     @contextlib.contextmanager
     def context(self):
@@ -48,17 +64,25 @@ class Trainer:
             yield
 
 
-def build_trainer(cfg: Config, system: System | None = None) -> Trainer:
+def build_trainer(cfg: Config, system: System | None = None,
+                  devices: list | None = None) -> Trainer:
     """A fresh sharded TrainState (stats from `data.stats_clips` training clips) and the jitted
     step, for `system` (default: the text-to-video DiT). Restoring a checkpoint into
-    `trainer.state` is the caller's choice."""
-    mesh, rules = make_mesh(cfg.mesh), get_rules(cfg.mesh.rules)
+    `trainer.state` is the caller's choice. The mesh spans `devices` (default: all)."""
+    mesh, rules = make_mesh(cfg.mesh, devices), get_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)
     system = system if system is not None else TextToVideo(cfg)
     tx = make_optimizer(cfg.train)
     if cfg.data.source == "shards":
         from vdit.data.shard_pipeline import check_shards
 
         check_shards(cfg.data.shards, cfg.autoencoder)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    per_slice = cfg.train.batch_size // cfg.train.microbatches
+    if per_slice % shards:
+        raise ConfigError(
+            f"train.batch_size {cfg.train.batch_size} / train.microbatches "
+            f"{cfg.train.microbatches} = {per_slice} rows per step cannot be split over the "
+            f"{shards} batch shards (mesh data x fsdp); use a multiple of {shards}")
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         clips = fixed_batch(cfg.data, physics_tokenizer(cfg.text.max_length), "train",
                             cfg.data.stats_clips)
@@ -67,8 +91,10 @@ def build_trainer(cfg: Config, system: System | None = None) -> Trainer:
         state = create_state(system, tx, cfg.train.seed, stats, mesh, rules)
     shardings = state_shardings(state)
     b_shard = batch_sharding(mesh)
+    # Metrics come back replicated: every host can read them (multi-host runs).
+    replicated = NamedSharding(mesh, PartitionSpec())
     step_fn = jax.jit(partial(train_step, system=system, tx=tx, cfg=cfg.train),
-                      in_shardings=(shardings, b_shard), out_shardings=(shardings, None),
+                      in_shardings=(shardings, b_shard), out_shardings=(shardings, replicated),
                       donate_argnums=0)
-    eval_fn = jax.jit(partial(eval_step, system=system))
+    eval_fn = jax.jit(partial(eval_step, system=system), out_shardings=replicated)
     return Trainer(cfg, mesh, rules, system, tx, state, b_shard, step_fn, eval_fn)
