@@ -1,0 +1,98 @@
+"""Context parallelism: attention over a token sequence split across the mesh axis `context`.
+
+The attention dispatch (vdit/ops/attention.py) routes here when the ambient mesh has a
+`context` axis of size n > 1 and the caller asks for it (the DiT's video self- and
+cross-attention; `model.context_parallel` picks the algorithm). The functions below run inside
+the dispatch's `shard_map`, so every shape is per device: q [B, L/n, H, D] with the queries of
+this device's stretch of the sequence, k and v likewise for self-attention.
+
+- `ring_attention`: a device keeps its queries and passes its K/V block, with the key-side
+  segment ids, around the ring by `ppermute`; after n - 1 hops every query block has met every
+  key block. Per-block (o, lse) pairs merge by log-sum-exp (the online softmax across blocks),
+  so the result is full attention, exactly. A device holds two K/V blocks at a time (memory
+  O(L/n)); XLA can overlap a hop with the next block's attention; any head count works.
+- `ulysses_attention` (DeepSpeed-Ulysses): `all_to_all` turns sequence-sharded
+  [B, L/n, H, D] into head-sharded [B, L, H/n, D], one full attention per head group, and an
+  `all_to_all` back. Four all-to-alls of activations per call instead of n - 1 K/V hops, one
+  kernel call on the whole sequence instead of n short ones; but the heads (per tensor shard)
+  must split n ways, and each device holds the whole sequence for its heads.
+- Cross-attention to text needs neither: the text is short, so the dispatch keeps K/V whole on
+  every device and splits only the queries (no collective at all).
+
+`block(q, k, v, ids) -> (o [B, Lq, H, D], lse [B, H, Lq] f32)` is the dispatch's own
+attention (`attention_with_lse` with the chosen kernel); ids is None or (q_ids [B, Lq],
+kv_ids [B, Lk]) int32, masked keys already folded in as id -1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+Ids = tuple[jax.Array, jax.Array] | None
+Block = Callable[[jax.Array, jax.Array, jax.Array, Ids], tuple[jax.Array, jax.Array]]
+
+__all__ = ["MODES", "merge", "ring_attention", "ulysses_attention"]
+
+# "queries": cross-attention to a short sequence, only the queries split (see the module doc).
+MODES = ("ring", "ulysses", "queries")
+
+
+def merge(o1: jax.Array, lse1: jax.Array, o2: jax.Array,
+          lse2: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Attention over the union of two disjoint key sets from the parts.
+
+    o [B, Lq, H, D] float32, lse [B, H, Lq] float32. A query that saw no key in a part has
+    o = 0 and lse = MASK_VALUE (-1e30) there, so that part gets weight exp(-1e30 - lse) = 0;
+    when neither part saw a key both weights are 1 and o stays 0, lse ~ -1e30, as one device.
+    """
+    lse = jnp.logaddexp(lse1, lse2)
+    w1 = jnp.swapaxes(jnp.exp(lse1 - lse), 1, 2)[..., None]  # [B, Lq, H, 1]
+    w2 = jnp.swapaxes(jnp.exp(lse2 - lse), 1, 2)[..., None]
+    return o1 * w1 + o2 * w2, lse
+
+
+def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: Ids, block: Block,
+                   axis: str = "context") -> tuple[jax.Array, jax.Array]:
+    """Per device: q [B, Lq, H, D], k and v [B, Lk, H, D] (this device's blocks) ->
+    (o [B, Lq, H, D] in q's dtype, lse [B, H, Lq] f32) over the keys of every device on `axis`.
+
+    The loop is unrolled (n is a mesh axis size, small): n block calls, n - 1 hops, and the
+    first block starts the running sums, so no constant enters as an invariant loop carry.
+    """
+    n = jax.lax.axis_size(axis)
+    hop = [(i, (i + 1) % n) for i in range(n)]  # device i sends its K/V block to i + 1
+    q_ids, kv_ids = ids if ids is not None else (None, None)
+    o, lse = None, None
+    for step in range(n):
+        o_b, lse_b = block(q, k, v, None if ids is None else (q_ids, kv_ids))
+        o_b = o_b.astype(jnp.float32)  # merge in f32 whatever the kernel's output dtype
+        o, lse = (o_b, lse_b) if o is None else merge(o, lse, o_b, lse_b)
+        if step < n - 1:
+            k, v = jax.lax.ppermute(k, axis, hop), jax.lax.ppermute(v, axis, hop)
+            if kv_ids is not None:  # the key-side ids travel with their keys
+                kv_ids = jax.lax.ppermute(kv_ids, axis, hop)
+    return o.astype(q.dtype), lse
+
+
+def ulysses_attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: Ids, block: Block,
+                      axis: str = "context") -> tuple[jax.Array, jax.Array]:
+    """Per device: q, k, v [B, L/n, H, D] (H: this device's heads, divisible by n) ->
+    (o [B, L/n, H, D], lse [B, H, L/n]) over the whole sequence.
+
+    Tiled all_to_all concatenates the received chunks in device order along `axis`, which is
+    the order the sequence was split in, so positions line up without any index bookkeeping.
+    """
+    n = jax.lax.axis_size(axis)
+    if q.shape[2] % n:
+        raise ValueError(f"ulysses context parallelism: {q.shape[2]} heads per device do not "
+                         f"split over mesh.context={n}")
+    to_heads = lambda x: jax.lax.all_to_all(x, axis, 2, 1, tiled=True)
+    if ids is not None:
+        ids = tuple(jax.lax.all_gather(i, axis, axis=1, tiled=True) for i in ids)
+    o, lse = block(to_heads(q), to_heads(k), to_heads(v), ids)  # [B, L, H/n, D], [B, H/n, L]
+    o = jax.lax.all_to_all(o, axis, 1, 2, tiled=True)
+    lse = jax.lax.all_to_all(lse, axis, 2, 1, tiled=True)
+    return o, lse
