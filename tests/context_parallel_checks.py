@@ -4,6 +4,7 @@ is fixed when JAX starts). Prints one line, `RESULT {json}`:
 - attention[mode/context/tensor]: the largest |difference| from one-device attention over the
   output and the q, k, v gradients, without masks ("plain") and with packed segment ids plus
   key padding ("masked"), and whether the compiled program holds the mode's collective;
+- pallas_ring: the same, masked, for ring attention over vdit's Pallas kernel (context 2);
 - cross[context/tensor]: the same for cross-attention with split queries and whole K/V;
 - dit: the tiny DiT's first 3 training losses under mesh.context=4 (ring), and whether its
   compiled step rotates K/V.
@@ -36,10 +37,11 @@ MESHES = ((2, 1), (4, 1), (2, 2), (4, 2))  # (context, tensor); data fills the 8
 COLLECTIVE = {"ring": "collective_permute", "ulysses": "all_to_all"}
 
 
-def _inputs(kv_len: int) -> tuple:
-    """q [B, L, H, D], k and v [B, kv_len, H, D], output cotangent [B, L, H, D]."""
+def _inputs(kv_len: int, heads: int = H, dim: int = D) -> tuple:
+    """q [B, L, heads, dim], k and v [B, kv_len, heads, dim], output cotangent like q."""
     keys = jax.random.split(jax.random.key(0), 4)
-    shapes = ((B, L, H, D), (B, kv_len, H, D), (B, kv_len, H, D), (B, L, H, D))
+    q, kv = (B, L, heads, dim), (B, kv_len, heads, dim)
+    shapes = (q, kv, kv, q)
     return tuple(jax.random.normal(k, s) for k, s in zip(keys, shapes, strict=True))
 
 
@@ -51,11 +53,11 @@ TEXT_IDS = jnp.asarray([[0, 0, 1, 1, 2, 2], [0] * S], jnp.int32)
 TEXT_MASK = jnp.asarray([[True] * S, [True] * 4 + [False] * 2])
 
 
-def _value_and_grads(mode: str | None, masks: dict):
+def _value_and_grads(mode: str | None, masks: dict, impl: str = "xla"):
     """jit-able (q, k, v, ct) -> [o, dq, dk, dv] of attention with `masks`."""
 
     def f(q, k, v, ct):
-        o, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, impl="xla", context_parallel=mode,
+        o, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, impl=impl, context_parallel=mode,
                                                    **masks), q, k, v)
         return [o, *vjp(ct)]
 
@@ -87,6 +89,17 @@ def attention_checks() -> dict:
                 **{c: _max_diff(got[c], ref[c]) for c in cases},
                 "collective": COLLECTIVE[mode] in compiled.as_text().replace("-", "_")}
     return out
+
+
+def pallas_ring_check() -> float:
+    """Ring attention at context 2 whose blocks are vdit's Pallas flash kernel (interpret mode
+    off its device), masked: the merge's lse cotangent flows through the kernel's backward."""
+    args = _inputs(L, heads=2, dim=16)  # a head dim the Triton tiles take
+    masks = {"segment_ids": IDS, "kv_mask": KEY_MASK}
+    ref = jax.jit(_value_and_grads(None, masks))(*args)
+    with jax.set_mesh(_mesh(2, 1)), nn.logical_axis_rules(get_rules("default")):
+        got = jax.jit(_value_and_grads("ring", masks, impl="pallas"))(*args)
+    return _max_diff(got, ref)
 
 
 def cross_checks() -> dict:
@@ -138,7 +151,8 @@ DIT_MESH = {"data": 2, "context": 4}
 
 if __name__ == "__main__":
     assert jax.device_count() == 8, jax.device_count()
-    result = {"attention": attention_checks(), "cross": cross_checks()}
+    result = {"attention": attention_checks(), "pallas_ring": pallas_ring_check(),
+              "cross": cross_checks()}
     losses, text = dit_losses(DIT_MESH)
     result["dit"] = {"losses": losses, "collective": COLLECTIVE["ring"] in text.replace("-", "_")}
     print("RESULT " + json.dumps(result))

@@ -51,6 +51,12 @@ def test_context_parallel_attention_matches_one_device(results, mode, context, t
     assert got["collective"], got
 
 
+def test_ring_attention_over_the_pallas_kernel_matches_one_device(results):
+    """Each ring block runs vdit's flash kernel (interpret mode on CPU) through
+    attention_with_lse; output and gradients match one device's XLA attention."""
+    assert results["pallas_ring"] < TOL, results["pallas_ring"]
+
+
 def test_cross_attention_splits_queries_with_whole_text(results):
     """Video queries split over context, text K/V (masked, with caption ids) whole."""
     assert set(results["cross"]) == {"2/1", "4/2"}
