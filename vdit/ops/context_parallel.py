@@ -10,7 +10,9 @@ this device's stretch of the sequence, k and v likewise for self-attention.
   segment ids, around the ring by `ppermute`; after n - 1 hops every query block has met every
   key block. Per-block (o, lse) pairs merge by log-sum-exp (the online softmax across blocks),
   so the result is full attention, exactly. A device holds two K/V blocks at a time (memory
-  O(L/n)); XLA can overlap a hop with the next block's attention; any head count works.
+  O(L/n)), in training too: a custom VJP makes a second trip round the ring, recomputing each
+  block and sending its dK/dV along with it; XLA can overlap a hop with the next block's
+  attention; any head count works.
 - `ulysses_attention` (DeepSpeed-Ulysses): `all_to_all` turns sequence-sharded
   [B, L/n, H, D] into head-sharded [B, L, H/n, D], one full attention per head group, and an
   `all_to_all` back. Four all-to-alls of activations per call instead of n - 1 K/V hops, one
@@ -27,6 +29,7 @@ kv_ids [B, Lk]) int32, masked keys already folded in as id -1.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -54,27 +57,77 @@ def merge(o1: jax.Array, lse1: jax.Array, o2: jax.Array,
     return o1 * w1 + o2 * w2, lse
 
 
+def _hop(x, axis: str, n: int):
+    """Pass x to the next device on the ring (device i sends to i + 1); None stays None."""
+    return None if x is None else jax.lax.ppermute(x, axis, [(i, (i + 1) % n) for i in range(n)])
+
+
+def _blocks(block: Block, q, k, v, q_ids, kv_ids, axis: str):
+    """Yield (k, v, ids) for each of the n key blocks as they come round the ring, ending
+    with each device holding the block of its successor. The loop is unrolled: n is a mesh
+    axis size (small), and XLA may overlap a hop with the block's attention."""
+    n = jax.lax.axis_size(axis)
+    for step in range(n):
+        yield k, v, None if q_ids is None else (q_ids, kv_ids)
+        if step < n - 1:
+            k, v, kv_ids = _hop(k, axis, n), _hop(v, axis, n), _hop(kv_ids, axis, n)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _ring(block: Block, axis: str, q, k, v, q_ids, kv_ids):
+    o, lse = None, None
+    for k_b, v_b, ids in _blocks(block, q, k, v, q_ids, kv_ids, axis):
+        o_b, lse_b = block(q, k_b, v_b, ids)
+        o_b = o_b.astype(jnp.float32)  # merge in f32 whatever the kernel's output dtype
+        o, lse = (o_b, lse_b) if o is None else merge(o, lse, o_b, lse_b)
+    return o.astype(q.dtype), lse
+
+
+def _ring_fwd(block, axis, q, k, v, q_ids, kv_ids):
+    o, lse = _ring(block, axis, q, k, v, q_ids, kv_ids)
+    return (o, lse), (q, k, v, q_ids, kv_ids, o, lse)  # this device's blocks only: O(L/n)
+
+
+def _ring_bwd(block, axis, res, cts):
+    """The ring again: each block's attention is recomputed and differentiated with the
+    cotangents the merge gives it, o = sum_b w_b o_b with w_b = exp(lse_b - lse):
+    do_b = w_b do, dlse_b = w_b (<do, o_b - o> + dlse). dK/dV accumulate in buffers that
+    travel with their K/V block and take one last hop home."""
+    q, k, v, q_ids, kv_ids, o, lse = res
+    do, dlse = (c.astype(jnp.float32) for c in cts)
+    n = jax.lax.axis_size(axis)
+    dq = jnp.zeros(q.shape, jnp.float32)
+    dk = dv = None
+    for k_b, v_b, ids in _blocks(block, q, k, v, q_ids, kv_ids, axis):
+        (o_b, lse_b), vjp = jax.vjp(lambda q, k, v, ids=ids: block(q, k, v, ids), q, k_b, v_b)
+        w = jnp.exp(lse_b - lse)  # [B, H, Lq]
+        do_b = jnp.swapaxes(w, 1, 2)[..., None] * do
+        dlse_b = w * (jnp.einsum("bqhd,bqhd->bhq", do, o_b.astype(jnp.float32) - o) + dlse)
+        dq_b, dk_b, dv_b = vjp((do_b.astype(o_b.dtype), dlse_b))
+        if dk is not None:  # the buffers of the previous block hop along with it
+            dk, dv = _hop(dk, axis, n), _hop(dv, axis, n)
+        dk = dk_b.astype(jnp.float32) if dk is None else dk + dk_b
+        dv = dv_b.astype(jnp.float32) if dv is None else dv + dv_b
+        dq = dq + dq_b
+    dk, dv = _hop(dk, axis, n), _hop(dv, axis, n)  # home: device i holds block i + 1's
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
+
+
 def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: Ids, block: Block,
                    axis: str = "context") -> tuple[jax.Array, jax.Array]:
     """Per device: q [B, Lq, H, D], k and v [B, Lk, H, D] (this device's blocks) ->
     (o [B, Lq, H, D] in q's dtype, lse [B, H, Lq] f32) over the keys of every device on `axis`.
 
-    The loop is unrolled (n is a mesh axis size, small): n block calls, n - 1 hops, and the
-    first block starts the running sums, so no constant enters as an invariant loop carry.
+    Forward: n block calls, n - 1 hops; the first block starts the running sums, so no
+    constant enters as an invariant carry. Backward (custom VJP): the blocks are recomputed
+    on a second trip round the ring instead of being saved, so training also holds only
+    O(L/n) keys per device (autodiff of the forward loop would keep all n blocks).
     """
-    n = jax.lax.axis_size(axis)
-    hop = [(i, (i + 1) % n) for i in range(n)]  # device i sends its K/V block to i + 1
     q_ids, kv_ids = ids if ids is not None else (None, None)
-    o, lse = None, None
-    for step in range(n):
-        o_b, lse_b = block(q, k, v, None if ids is None else (q_ids, kv_ids))
-        o_b = o_b.astype(jnp.float32)  # merge in f32 whatever the kernel's output dtype
-        o, lse = (o_b, lse_b) if o is None else merge(o, lse, o_b, lse_b)
-        if step < n - 1:
-            k, v = jax.lax.ppermute(k, axis, hop), jax.lax.ppermute(v, axis, hop)
-            if kv_ids is not None:  # the key-side ids travel with their keys
-                kv_ids = jax.lax.ppermute(kv_ids, axis, hop)
-    return o.astype(q.dtype), lse
+    return _ring(block, axis, q, k, v, q_ids, kv_ids)
 
 
 def ulysses_attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: Ids, block: Block,
