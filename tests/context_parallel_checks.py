@@ -5,6 +5,7 @@ is fixed when JAX starts). Prints one line, `RESULT {json}`:
   output and the q, k, v gradients, without masks ("plain") and with packed segment ids plus
   key padding ("masked"), and whether the compiled program holds the mode's collective;
 - pallas_ring: the same, masked, for ring attention over vdit's Pallas kernel (context 2);
+- ring_lse: the same for the gradients of a loss on both o and lse (ring, context 4);
 - cross[context/tensor]: the same for cross-attention with split queries and whole K/V;
 - dit: the tiny DiT's first 3 training losses under mesh.context=4 (ring), and whether its
   compiled step rotates K/V.
@@ -27,7 +28,7 @@ from conftest import tiny_dict
 
 from vdit.config import MeshConfig, from_dict
 from vdit.data.pipeline import fixed_batch
-from vdit.ops.attention import attention
+from vdit.ops.attention import MASK_VALUE, attention, attention_with_lse
 from vdit.parallel.mesh import make_mesh
 from vdit.parallel.rules import get_rules
 from vdit.train.trainer import build_trainer
@@ -45,9 +46,10 @@ def _inputs(kv_len: int, heads: int = H, dim: int = D) -> tuple:
     return tuple(jax.random.normal(k, s) for k, s in zip(keys, shapes, strict=True))
 
 
-# Row 0 packs three clips across the device boundaries; row 1 is one clip with 3 padded keys.
+# Row 0 packs three clips across the device boundaries, the last one's keys all padded (its
+# queries see no key: fully masked rows); row 1 is one clip with 3 padded keys.
 IDS = jnp.asarray([[0] * 5 + [1] * 7 + [2] * 4, [0] * L], jnp.int32)
-KEY_MASK = jnp.asarray([[True] * L, [True] * (L - 3) + [False] * 3])
+KEY_MASK = jnp.asarray([[True] * 12 + [False] * 4, [True] * (L - 3) + [False] * 3])
 # Cross-attention: captions 0 and 1 of row 0 (ids against the queries' ids), row 1 padded text.
 TEXT_IDS = jnp.asarray([[0, 0, 1, 1, 2, 2], [0] * S], jnp.int32)
 TEXT_MASK = jnp.asarray([[True] * S, [True] * 4 + [False] * 2])
@@ -102,6 +104,29 @@ def pallas_ring_check() -> float:
     return _max_diff(got, ref)
 
 
+def lse_gradient_check() -> float:
+    """Ring attention at context 4 with a loss on the lse as well as the output (masked): the
+    q, k, v gradients through the lse cotangent path of the ring's custom VJP, against one
+    device."""
+    q, k, v, ct = _inputs(L)
+    c_lse = jnp.swapaxes(ct[..., 0], 1, 2)  # [B, H, L]
+
+    def grads(mode):
+        def loss(q, k, v):
+            o, lse = attention_with_lse(q, k, v, segment_ids=IDS, kv_mask=KEY_MASK, impl="xla",
+                                        context_parallel=mode)
+            seen = lse > 0.5 * MASK_VALUE  # a row that saw no key has the constant MASK_VALUE
+            return jnp.sum(o * ct) + jnp.sum(jnp.where(seen, lse, 0.0) * c_lse)
+        # Gradients only: o and lse themselves are compared by attention_checks, and the
+        # scalar sum of ~500 terms differs from one device by float32 summation order.
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+    ref = grads(None)
+    with jax.set_mesh(_mesh(4, 1)), nn.logical_axis_rules(get_rules("default")):
+        got = grads("ring")
+    return _max_diff(jax.tree.leaves(got), jax.tree.leaves(ref))
+
+
 def cross_checks() -> dict:
     """Cross-attention with the queries split over context and K/V whole, against one device."""
     args = _inputs(S)
@@ -152,7 +177,7 @@ DIT_MESH = {"data": 2, "context": 4}
 if __name__ == "__main__":
     assert jax.device_count() == 8, jax.device_count()
     result = {"attention": attention_checks(), "pallas_ring": pallas_ring_check(),
-              "cross": cross_checks()}
+              "ring_lse": lse_gradient_check(), "cross": cross_checks()}
     losses, text = dit_losses(DIT_MESH)
     result["dit"] = {"losses": losses, "collective": COLLECTIVE["ring"] in text.replace("-", "_")}
     print("RESULT " + json.dumps(result))

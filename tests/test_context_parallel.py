@@ -44,7 +44,8 @@ def results() -> dict:
 @pytest.mark.parametrize("context,tensor", MESHES)
 def test_context_parallel_attention_matches_one_device(results, mode, context, tensor):
     """Output and q/k/v gradients within 1e-5 of one device, without masks and with packed
-    segment ids plus key padding, on meshes data x context x tensor = 8."""
+    segment ids plus key padding (some queries see no key), on meshes data x context x
+    tensor = 8."""
     got = results["attention"][f"{mode}/{context}/{tensor}"]
     assert got["plain"] < TOL and got["masked"] < TOL, got
     # The mode really ran: ring rotates K/V by collective-permute, Ulysses uses all-to-all.
@@ -55,6 +56,12 @@ def test_ring_attention_over_the_pallas_kernel_matches_one_device(results):
     """Each ring block runs vdit's flash kernel (interpret mode on CPU) through
     attention_with_lse; output and gradients match one device's XLA attention."""
     assert results["pallas_ring"] < TOL, results["pallas_ring"]
+
+
+def test_ring_lse_is_differentiable_like_one_device(results):
+    """A loss on attention_with_lse's lse as well as its output: the ring's custom VJP routes
+    the lse cotangent into every block as one device does."""
+    assert results["ring_lse"] < TOL, results["ring_lse"]
 
 
 def test_cross_attention_splits_queries_with_whole_text(results):
