@@ -34,7 +34,7 @@ from vdit.parallel.rules import get_rules
 from vdit.train.trainer import build_trainer
 
 B, L, S, H, D = 2, 16, 6, 8, 8  # H = 8: Ulysses at context 4 x tensor 2
-MESHES = ((2, 1), (4, 1), (2, 2), (4, 2))  # (context, tensor); data fills the 8 devices
+MESHES = ((2, 1), (4, 1), (4, 2))  # (context, tensor); data fills the 8 devices
 COLLECTIVE = {"ring": "collective_permute", "ulysses": "all_to_all"}
 
 
