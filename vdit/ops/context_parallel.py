@@ -11,8 +11,8 @@ this device's stretch of the sequence, k and v likewise for self-attention.
   key block. Per-block (o, lse) pairs merge by log-sum-exp (the online softmax across blocks),
   so the result is full attention, exactly. A device holds two K/V blocks at a time (memory
   O(L/n)), in training too: a custom VJP makes a second trip round the ring, recomputing each
-  block and sending its dK/dV along with it; XLA can overlap a hop with the next block's
-  attention; any head count works.
+  block and sending its dK/dV along with it. The next block's hop is issued before the
+  current block's attention, so XLA can overlap them; any head count works.
 - `ulysses_attention` (DeepSpeed-Ulysses): `all_to_all` turns sequence-sharded
   [B, L/n, H, D] into head-sharded [B, L, H/n, D], one full attention per head group, and an
   `all_to_all` back. Four all-to-alls of activations per call instead of n - 1 K/V hops, one
@@ -62,24 +62,33 @@ def _hop(x, axis: str, n: int):
     return None if x is None else jax.lax.ppermute(x, axis, [(i, (i + 1) % n) for i in range(n)])
 
 
-def _blocks(block: Block, q, k, v, q_ids, kv_ids, axis: str):
-    """Yield (k, v, ids) for each of the n key blocks as they come round the ring, ending
-    with each device holding the block of its successor. The loop is unrolled: n is a mesh
-    axis size (small), and XLA may overlap a hop with the block's attention."""
+def _ring_loop(first: Callable, step: Callable, k, v, kv_ids, axis: str):
+    """carry = first(k, v, kv_ids) on this device's key block, then carry = step(carry, k, v,
+    kv_ids) for each of the other n - 1 blocks as they come round the ring (one `lax.scan`).
+    Each iteration sends the block it holds on before using it, so the hop can overlap the
+    attention (n hops in all, the last one unused) and a device holds two blocks at a time;
+    a scan rather than an unrolled loop, so XLA cannot hoist every block's work, and with it
+    every block's temporaries, to the start."""
     n = jax.lax.axis_size(axis)
-    for step in range(n):
-        yield k, v, None if q_ids is None else (q_ids, kv_ids)
-        if step < n - 1:
-            k, v, kv_ids = _hop(k, axis, n), _hop(v, axis, n), _hop(kv_ids, axis, n)
+
+    def body(state, _):
+        carry, blocks = state
+        ahead = tuple(_hop(x, axis, n) for x in blocks)  # in flight during this block
+        return (step(carry, *blocks), ahead), None
+
+    blocks = tuple(_hop(x, axis, n) for x in (k, v, kv_ids))
+    (carry, _), _ = jax.lax.scan(body, (first(k, v, kv_ids), blocks), length=n - 1)
+    return carry
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _ring(block: Block, axis: str, q, k, v, q_ids, kv_ids):
-    o, lse = None, None
-    for k_b, v_b, ids in _blocks(block, q, k, v, q_ids, kv_ids, axis):
-        o_b, lse_b = block(q, k_b, v_b, ids)
-        o_b = o_b.astype(jnp.float32)  # merge in f32 whatever the kernel's output dtype
-        o, lse = (o_b, lse_b) if o is None else merge(o, lse, o_b, lse_b)
+    def attend(k, v, kv_ids):
+        o_b, lse_b = block(q, k, v, None if q_ids is None else (q_ids, kv_ids))
+        return o_b.astype(jnp.float32), lse_b  # merge in f32 whatever the kernel's dtype
+
+    # The first block starts the running sums: no constant enters the scan as a carry.
+    o, lse = _ring_loop(attend, lambda c, *b: merge(*c, *attend(*b)), k, v, kv_ids, axis)
     return o.astype(q.dtype), lse
 
 
@@ -96,19 +105,22 @@ def _ring_bwd(block, axis, res, cts):
     q, k, v, q_ids, kv_ids, o, lse = res
     do, dlse = (c.astype(jnp.float32) for c in cts)
     n = jax.lax.axis_size(axis)
-    dq = jnp.zeros(q.shape, jnp.float32)
-    dk = dv = None
-    for k_b, v_b, ids in _blocks(block, q, k, v, q_ids, kv_ids, axis):
-        (o_b, lse_b), vjp = jax.vjp(lambda q, k, v, ids=ids: block(q, k, v, ids), q, k_b, v_b)
+
+    def grads(k, v, kv_ids):
+        ids = None if q_ids is None else (q_ids, kv_ids)
+        (o_b, lse_b), vjp = jax.vjp(lambda q, k, v: block(q, k, v, ids), q, k, v)
         w = jnp.exp(lse_b - lse)  # [B, H, Lq]
         do_b = jnp.swapaxes(w, 1, 2)[..., None] * do
         dlse_b = w * (jnp.einsum("bqhd,bqhd->bhq", do, o_b.astype(jnp.float32) - o) + dlse)
-        dq_b, dk_b, dv_b = vjp((do_b.astype(o_b.dtype), dlse_b))
-        if dk is not None:  # the buffers of the previous block hop along with it
-            dk, dv = _hop(dk, axis, n), _hop(dv, axis, n)
-        dk = dk_b.astype(jnp.float32) if dk is None else dk + dk_b
-        dv = dv_b.astype(jnp.float32) if dv is None else dv + dv_b
-        dq = dq + dq_b
+        return tuple(g.astype(jnp.float32) for g in vjp((do_b.astype(o_b.dtype), dlse_b)))
+
+    def step(carry, k, v, kv_ids):
+        dq, dk, dv = carry
+        dk, dv = _hop(dk, axis, n), _hop(dv, axis, n)  # the previous block's buffers follow it
+        dq_b, dk_b, dv_b = grads(k, v, kv_ids)
+        return dq + dq_b, dk + dk_b, dv + dv_b
+
+    dq, dk, dv = _ring_loop(grads, step, k, v, kv_ids, axis)
     dk, dv = _hop(dk, axis, n), _hop(dv, axis, n)  # home: device i holds block i + 1's
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
@@ -121,10 +133,11 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: Ids, block: Bl
     """Per device: q [B, Lq, H, D], k and v [B, Lk, H, D] (this device's blocks) ->
     (o [B, Lq, H, D] in q's dtype, lse [B, H, Lq] f32) over the keys of every device on `axis`.
 
-    Forward: n block calls, n - 1 hops; the first block starts the running sums, so no
-    constant enters as an invariant carry. Backward (custom VJP): the blocks are recomputed
-    on a second trip round the ring instead of being saved, so training also holds only
-    O(L/n) keys per device (autodiff of the forward loop would keep all n blocks).
+    Forward: n block calls in a scan, merged by log-sum-exp. Backward (custom VJP): the blocks
+    are recomputed on a second trip round the ring instead of being saved, so training also
+    holds O(L/n) per device (autodiff of the forward would keep every block's K/V and
+    temporaries: measured 221 MiB against 49 MiB of temporaries for the gradient at 8,192
+    tokens over 8 devices, XLA on CPU; unsplit 1,538 MiB).
     """
     q_ids, kv_ids = ids if ids is not None else (None, None)
     return _ring(block, axis, q, k, v, q_ids, kv_ids)
