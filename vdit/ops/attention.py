@@ -259,8 +259,12 @@ def attention(
     "ulysses" (self-attention), "queries" (cross-attention), used when the mesh has a `context`
     axis > 1. Returns [B, Lq, H, D] in q's dtype.
     """
-    chosen = resolve_impl(impl, q.dtype, segments=segment_ids is not None, head_dim=q.shape[-1])
-    if chosen == "cudnn" and _context_size(context_parallel) == 1:
+    split = _context_size(context_parallel) > 1
+    # Split sequences merge blocks by lse, which cuDNN does not return: `auto` is resolved
+    # by attention_with_lse then (an explicit "cudnn" is refused there).
+    chosen = impl if split else resolve_impl(impl, q.dtype, segments=segment_ids is not None,
+                                             head_dim=q.shape[-1])
+    if chosen == "cudnn" and not split:
         q_ids, kv_ids = _segments(q, k, kv_mask, segment_ids)
         mask = _visibility(q_ids, kv_ids, kv_mask, segment_ids)
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
