@@ -42,6 +42,10 @@ class ModelConfig:
     attention: Literal["auto", "xla", "cudnn", "pallas", "pallas_gpu", "pallas_tpu"] = "auto"
     attention_blocks: tuple[int, int] = (0, 0)  # Pallas (query, key) tiles; 0: backend default
     rope_theta: float = 10000.0
+    # How self-attention splits the video tokens over mesh.context > 1 (vdit/ops/
+    # context_parallel.py): ring rotates K/V blocks (any head count); ulysses re-shards
+    # sequence <-> heads by all-to-all (heads per tensor shard must divide by mesh.context).
+    context_parallel: Literal["ring", "ulysses"] = "ring"
 
     def validate(self) -> list[str]:
         problems = _positive(self, "width", "depth", "heads", "mlp_ratio", "rope_theta")
@@ -347,6 +351,26 @@ class Config:
                     f"model.patch: latent size {lat} along {axis} is not divisible by "
                     f"patch {pp}"
                 )
+        return problems + self._context_problems()
+
+    def _context_problems(self) -> list[str]:
+        """Context parallelism splits every clip's tokens (and, for ulysses, the heads of each
+        tensor shard) mesh.context ways. Shapes read from shards are checked when traced."""
+        c, t, m = self.mesh.context, self.mesh.tensor, self.model
+        if c <= 1:  # 1, or -1 (known only once the devices are counted)
+            return []
+        problems = []
+        if self.data.batching == "pack" and self.data.pack_budget % c:
+            problems.append(f"data.pack_budget: {self.data.pack_budget} tokens per packed row "
+                            f"do not split over mesh.context={c}; use a multiple of {c}")
+        elif self.data.source == "physics" and self.num_tokens() % c:
+            problems.append(f"mesh.context: {self.num_tokens()} tokens per clip do not split "
+                            f"{c} ways; use a context size that divides {self.num_tokens()}")
+        shards = c * max(t, 1)  # tensor -1: checked when traced
+        if m.context_parallel == "ulysses" and m.heads % shards:
+            problems.append(f"model.heads: ulysses splits the {m.heads} heads over mesh.context "
+                            f"{c} x mesh.tensor {max(t, 1)} = {shards} devices; use a multiple "
+                            f"of {shards} or model.context_parallel=ring")
         return problems
 
     def latent_shape(self) -> tuple[int, int, int, int]:

@@ -49,6 +49,7 @@ class DiTBlock(nn.Module):
     dtype: Dtype = jnp.float32
     impl: str = "auto"
     blocks: tuple[int, int] | None = None
+    context_parallel: str | None = None  # "ring" | "ulysses" under a mesh with context > 1
 
     @nn.compact
     def __call__(self, x, cond, text, text_mask, rope, segments=None):
@@ -59,10 +60,12 @@ class DiTBlock(nn.Module):
         mod = mod[:, None, :] if mod.ndim == 2 else mod
         shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
         h = modulate(norm(self.dtype)(x), shift1, scale1)
+        cp = self.context_parallel
         x = x + gate1 * Attention(self.heads, self.dtype, self.impl, blocks=self.blocks,
-                                  name="self_attn")(h, rope=rope, segment_ids=self_ids)
+                                  context_parallel=cp, name="self_attn")(
+            h, rope=rope, segment_ids=self_ids)
         x = x + Attention(self.heads, self.dtype, self.impl, zero_out=True, blocks=self.blocks,
-                          name="cross_attn")(
+                          context_parallel=cp, name="cross_attn")(
             norm(self.dtype)(x), context=text, kv_mask=text_mask, segment_ids=cross_ids)
         h = modulate(norm(self.dtype)(x), shift2, scale2)
         x = x + gate2 * Mlp(self.mlp_hidden, self.dtype, name="mlp")(h)
@@ -130,7 +133,7 @@ class DiT(nn.Module):
                              prevent_cse=not cfg.scan_layers)
         blocks = tuple(cfg.attention_blocks) if any(cfg.attention_blocks) else None
         kwargs = dict(heads=cfg.heads, mlp_hidden=int(d * cfg.mlp_ratio), dtype=dtype,
-                      impl=cfg.attention, blocks=blocks)
+                      impl=cfg.attention, blocks=blocks, context_parallel=cfg.context_parallel)
         if cfg.scan_layers:
             stack = nn.scan(
                 block, variable_axes={"params": 0}, split_rngs={"params": True},

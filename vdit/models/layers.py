@@ -58,6 +58,9 @@ class Attention(nn.Module):
 
     Self-attention when `context` is None (fused QKV projection), else cross-attention to
     `context` [B, S, E] (fused KV projection). x: [B, N, D] -> [B, N, D].
+    `context_parallel` ("ring" | "ulysses"; None: never): how self-attention splits x's tokens
+    when the mesh has a `context` axis > 1; cross-attention then splits only the queries
+    (vdit/ops/context_parallel.py).
     """
 
     heads: int
@@ -65,6 +68,7 @@ class Attention(nn.Module):
     impl: str = "auto"
     zero_out: bool = False  # zero-init the output projection (residual branch starts at 0)
     blocks: tuple[int, int] | None = None  # Pallas (query, key) tile; None: backend default
+    context_parallel: str | None = None
 
     @nn.compact
     def __call__(self, x, context=None, kv_mask=None, rope=None, segment_ids=None):
@@ -87,8 +91,11 @@ class Attention(nn.Module):
         # segment_ids (packed clips): [B, N], or ([B, N], [B, S]) for cross-attention.
         tiles = None if self.blocks is None else BlockSizes(*self.blocks, *self.blocks,
                                                             *self.blocks)
+        split = self.context_parallel
+        if context is not None and split is not None:
+            split = "queries"  # cross-attention: the text is short, K/V stay whole per device
         out = attention(q, k, v, kv_mask=kv_mask, segment_ids=segment_ids, impl=self.impl,
-                        blocks=tiles)
+                        blocks=tiles, context_parallel=split)
         return Linear((d,), ("heads", "kv", "embed"), in_dims=2, dtype=self.dtype,
                       zero=self.zero_out, name="out")(out)
 

@@ -31,7 +31,15 @@ Pallas tiles come from `blocks` (BlockSizes; None: BlockSizes.default for the ba
 Sharding. XLA cannot partition a Pallas kernel, so under a mesh (`jax.set_mesh`) with more than
 one device the dispatch runs the kernel per shard in a `shard_map`: batch and heads split as the
 active logical-axis rules map `act_batch` and `act_heads` (vdit/parallel/rules.py), the sequences
-whole (sharded context is ring attention's job). Inside a `shard_map` it calls the kernel as is.
+whole. Inside a `shard_map` it calls the kernel as is.
+
+Context parallelism (`context_parallel`, vdit/ops/context_parallel.py). When the caller names a
+mode and the ambient mesh has a `context` axis of size n > 1, the sequences split n ways too,
+with any impl: "ring" (K/V blocks rotated by ppermute, merged by log-sum-exp) or "ulysses"
+(all-to-all to head-sharded, full attention, all-to-all back) for self-attention over the video
+tokens, "queries" for cross-attention to a short text (queries split, K/V whole on every
+device). Lengths must divide by n (ulysses: heads per tensor shard too), else a ValueError
+names the numbers. None (the text encoder) never splits the sequence.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vdit.ops.context_parallel import MODES, ring_attention, ulysses_attention
 from vdit.ops.pallas.common import MASK_VALUE, BlockSizes
 from vdit.ops.pallas.flash_gpu import flash_attention_gpu
 from vdit.ops.pallas.flash_tpu import flash_attention_tpu
@@ -51,6 +60,7 @@ from vdit.ops.pallas.flash_tpu import flash_attention_tpu
 Impl = Literal["auto", "xla", "cudnn", "pallas", "pallas_gpu", "pallas_tpu"]
 IMPLS = ("auto", "xla", "cudnn", "pallas", "pallas_gpu", "pallas_tpu")
 SegmentIds = jax.Array | tuple[jax.Array, jax.Array] | None
+ContextParallel = Literal["ring", "ulysses", "queries"] | None
 
 __all__ = ["IMPLS", "MASK_VALUE", "BlockSizes", "attention", "attention_with_lse",
            "resolve_impl"]
@@ -139,25 +149,74 @@ def _mesh_axes(mesh, logical: str, size: int) -> tuple[str, ...] | None:
     return axes if axes and size % math.prod(mesh.shape[a] for a in axes) == 0 else None
 
 
-def _per_shard(kernel: Callable, q, k, v, q_ids, kv_ids):
+def _manual(mesh) -> bool:
+    return any(t == jax.sharding.AxisType.Manual for t in mesh.axis_types)
+
+
+def _per_shard(kernel: Callable, q, k, v, q_ids, kv_ids, q_len: str | None = None,
+               kv_len: str | None = None):
     """kernel(q, k, v, q_ids, kv_ids) -> (o, lse), in a shard_map over the ambient mesh when
-    there is one (see the module doc)."""
+    there is one (see the module doc); `q_len`/`kv_len` name the mesh axis the query/key
+    sequence splits over (None: whole)."""
     mesh = jax.sharding.get_abstract_mesh()
-    manual = any(t == jax.sharding.AxisType.Manual for t in mesh.axis_types)
-    if mesh.empty or mesh.size == 1 or manual:
+    if mesh.empty or mesh.size == 1 or _manual(mesh):
         return kernel(q, k, v, q_ids, kv_ids)
     batch = _mesh_axes(mesh, "act_batch", q.shape[0])
     heads = _mesh_axes(mesh, "act_heads", q.shape[2])
-    data, ids, lse = jax.P(batch, None, heads, None), jax.P(batch, None), jax.P(batch, heads, None)
-    ids_spec = None if q_ids is None else ids
-    return jax.shard_map(kernel, mesh=mesh, in_specs=(data, data, data, ids_spec, ids_spec),
-                         out_specs=(data, lse), check_vma=False)(q, k, v, q_ids, kv_ids)
+    qs, kvs = jax.P(batch, q_len, heads, None), jax.P(batch, kv_len, heads, None)
+    q_ids_spec = None if q_ids is None else jax.P(batch, q_len)
+    kv_ids_spec = None if kv_ids is None else jax.P(batch, kv_len)
+    lse = jax.P(batch, heads, q_len)
+    # check_vma=False: a pallas_call inside a shard_map needs it (its outputs carry no
+    # varying-axes type); the collectives of ring/ulysses differentiate without it.
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(qs, kvs, kvs, q_ids_spec, kv_ids_spec),
+                         out_specs=(qs, lse), check_vma=False)(q, k, v, q_ids, kv_ids)
+
+
+def _context_size(mode: ContextParallel) -> int:
+    """How many ways `mode` splits the sequences: the ambient mesh's `context` size, or 1
+    (no mode, no mesh, no such axis, or already inside a shard_map)."""
+    if mode is None:
+        return 1
+    if mode not in MODES:
+        raise ValueError(f"context_parallel {mode!r}; allowed: {', '.join(MODES)} or None")
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or _manual(mesh):
+        return 1
+    return dict(mesh.shape).get("context", 1)
+
+
+def _context_parallel(mode: str, block: Callable, q, k, v, q_ids, kv_ids):
+    """(o, lse) with the sequences split over the mesh axis `context` (see the module doc)."""
+    n = _context_size(mode)
+    lengths = {"query": q.shape[1]} if mode == "queries" else {"query": q.shape[1],
+                                                               "key": k.shape[1]}
+    for name, length in lengths.items():
+        if length % n:
+            raise ValueError(f"context parallelism ({mode}): {length} {name} tokens do not "
+                             f"split over mesh.context={n}; use a multiple of {n}")
+    if mode == "ulysses":
+        mesh = jax.sharding.get_abstract_mesh()
+        heads = _mesh_axes(mesh, "act_heads", q.shape[2])
+        local = q.shape[2] // math.prod(mesh.shape[a] for a in heads or ())
+        if local % n:
+            raise ValueError(f"context parallelism (ulysses): {local} heads per tensor shard "
+                             f"({q.shape[2]} heads) do not split over mesh.context={n}; use "
+                             "ring or a head count divisible by tensor x context")
+    inner = {"ring": ring_attention, "ulysses": ulysses_attention}.get(mode)
+
+    def local(q, k, v, q_ids, kv_ids):
+        ids = None if q_ids is None else (q_ids, kv_ids)
+        return block(q, k, v, ids) if inner is None else inner(q, k, v, ids, block)
+
+    return _per_shard(local, q, k, v, q_ids, kv_ids, q_len="context",
+                      kv_len=None if mode == "queries" else "context")
 
 
 def attention_with_lse(
     q: jax.Array, k: jax.Array, v: jax.Array, *, kv_mask: jax.Array | None = None,
     segment_ids: SegmentIds = None, impl: Impl = "auto", blocks: BlockSizes | None = None,
-    interpret=None,
+    interpret=None, context_parallel: ContextParallel = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Attention of one (query block, key block) pair plus its log-sum-exp, for ring attention.
 
@@ -165,11 +224,19 @@ def attention_with_lse(
     differentiable. Blocks (o_i, lse_i) over disjoint key sets merge exactly as
     lse = logsumexp_i(lse_i), o = sum_i exp(lse_i - lse) o_i. `interpret` goes to the Pallas
     kernels (None: interpret mode off their device; False to compile for TPU on a CPU host).
-    cuDNN returns no lse, so `auto` never picks it here.
+    cuDNN returns no lse, so `auto` never picks it here. `context_parallel`: see the module doc.
     """
     q_ids, kv_ids = _segments(q, k, kv_mask, segment_ids)
     chosen = resolve_impl(impl, q.dtype, segments=True, head_dim=q.shape[-1])
     chosen = "xla" if chosen == "cudnn" and impl == "auto" else chosen  # cudnn has no lse
+    if _context_size(context_parallel) > 1:
+        # Per device, each block is this same dispatch (the mesh is manual there, so it calls
+        # the kernel directly) with the key mask already folded into the ids.
+        def block(q, k, v, ids):
+            return attention_with_lse(q, k, v, segment_ids=ids, impl=chosen, blocks=blocks,
+                                      interpret=interpret)
+
+        return _context_parallel(context_parallel, block, q, k, v, q_ids, kv_ids)
     if chosen == "xla":
         o, lse = _xla_attention(q, k, v, _visibility(q_ids, kv_ids, kv_mask, segment_ids))
         return o.astype(q.dtype), lse
@@ -183,17 +250,24 @@ def attention_with_lse(
 def attention(
     q: jax.Array, k: jax.Array, v: jax.Array, *, kv_mask: jax.Array | None = None,
     segment_ids: SegmentIds = None, impl: Impl = "auto", blocks: BlockSizes | None = None,
-    interpret=None,
+    interpret=None, context_parallel: ContextParallel = None,
 ) -> jax.Array:
     """Non-causal multi-head attention (masks and implementations: see the module doc).
 
     q: [B, Lq, H, D]; k, v: [B, Lk, H, D]; kv_mask: bool [B, Lk], True where a key may be
-    attended; segment_ids: [B, L] or ([B, Lq], [B, Lk]) int. Returns [B, Lq, H, D] in q's dtype.
+    attended; segment_ids: [B, L] or ([B, Lq], [B, Lk]) int; context_parallel: None, "ring" or
+    "ulysses" (self-attention), "queries" (cross-attention), used when the mesh has a `context`
+    axis > 1. Returns [B, Lq, H, D] in q's dtype.
     """
-    chosen = resolve_impl(impl, q.dtype, segments=segment_ids is not None, head_dim=q.shape[-1])
-    if chosen == "cudnn":
+    split = _context_size(context_parallel) > 1
+    # Split sequences merge blocks by lse, which cuDNN does not return: `auto` is resolved
+    # by attention_with_lse then (an explicit "cudnn" is refused there).
+    chosen = impl if split else resolve_impl(impl, q.dtype, segments=segment_ids is not None,
+                                             head_dim=q.shape[-1])
+    if chosen == "cudnn" and not split:
         q_ids, kv_ids = _segments(q, k, kv_mask, segment_ids)
         mask = _visibility(q_ids, kv_ids, kv_mask, segment_ids)
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
     return attention_with_lse(q, k, v, kv_mask=kv_mask, segment_ids=segment_ids, impl=chosen,
-                              blocks=blocks, interpret=interpret)[0]
+                              blocks=blocks, interpret=interpret,
+                              context_parallel=context_parallel)[0]
