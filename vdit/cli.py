@@ -267,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     from vdit.scaling.sweep import register as register_sweep
 
     register_sweep(sub)
+    from vdit.train.plan_report import register as register_plan
+
+    register_plan(sub)
     return parser
 
 
