@@ -270,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     from vdit.train.plan_report import register as register_plan
 
     register_plan(sub)
+    from vdit.launch import register as register_launch
+
+    register_launch(sub)
     return parser
 
 
