@@ -86,41 +86,27 @@ def test_tpu_plan_bytes_agree_with_memory_analysis(v5p8_plan):
     assert "AGREE" in table and "DISAGREE" not in table and "FITS" in table
 
 
-def test_abstract_optimizer_shardings_match_propagation(v5p8_plan):
-    """The plan's optimizer-state shardings are what `create_state`'s propagation picks on the
-    same TPU mesh (there the moments are left to XLA and read back)."""
-    import flax.linen as nn
+def test_adam_moments_shard_like_their_params():
+    """mu and nu take their params' shardings (set explicitly, in `create_state` too: zeros
+    depend on nothing sharded, so propagation alone would replicate them on every chip)."""
     import jax
-    import jax.numpy as jnp
+    import optax
 
     from vdit.diffusion.text_to_video import TextToVideo
-    from vdit.parallel.mesh import make_mesh
     from vdit.parallel.rules import get_rules
-    from vdit.parallel.topologies import tpu_devices
-    from vdit.train.plan import _no_persistent_cache, abstract_state
-    from vdit.train.state import TrainState, make_optimizer, param_shardings
+    from vdit.train.plan import abstract_state
+    from vdit.train.state import make_optimizer
 
     cfg = _tiny()
-    mesh, rules = make_mesh(cfg.mesh, tpu_devices(parse_target("v5p-8"))), get_rules("default")
-    system, tx = TextToVideo(cfg), make_optimizer(cfg.train)
-    state = abstract_state(cfg, system, tx, mesh, rules)
-    p_shard = param_shardings(system, mesh, rules)
-
-    def init(key):  # create_state's, with the stats left out
-        params = nn.unbox(system.init(key))["params"]
-        params = jax.lax.with_sharding_constraint(params, p_shard)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                          opt_state=tx.init(params), rng=jnp.zeros((2,), jnp.uint32), stats={})
-
-    out = jax.tree.map(lambda _: None, jax.eval_shape(init, jax.random.key(0)))
-    with _no_persistent_cache():
-        compiled = jax.jit(init, out_shardings=out.replace(params=p_shard, ema_params=p_shard)
-                           ).lower(jax.random.key(0)).compile()
-    picked = jax.tree.leaves(compiled.output_shardings.opt_state)
-    ours = [x.sharding for x in jax.tree.leaves(state.opt_state)]
-    assert len(picked) == len(ours)
-    for a, b, x in zip(picked, ours, jax.tree.leaves(state.opt_state), strict=True):
-        assert a.is_equivalent_to(b, len(x.shape)), (x.shape, a, b)
+    mesh = jax.sharding.AbstractMesh((1, 4, 1, 1), ("data", "fsdp", "tensor", "context"))
+    tx = make_optimizer(cfg.train)
+    state = abstract_state(cfg, TextToVideo(cfg), tx, mesh, get_rules("default"))
+    adam = next(s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: isinstance(
+        x, optax.ScaleByAdamState)) if isinstance(s, optax.ScaleByAdamState))
+    params = [p.sharding.spec for p in jax.tree.leaves(state.params)]
+    assert any("fsdp" in str(spec) for spec in params)
+    for moment in (adam.mu, adam.nu):
+        assert [m.sharding.spec for m in jax.tree.leaves(moment)] == params
 
 
 def test_oversized_tpu_plan_is_flagged_with_fixes():
@@ -146,9 +132,8 @@ def test_gpu_plan_is_a_labelled_estimate():
     from vdit.train.plan import plan
     from vdit.train.plan_report import format_plan
 
-    cfg = _tiny()
-    r = plan(cfg, "8xH100")
-    one = plan(_tiny(mesh={"data": -1, "fsdp": 1}), "8xH100")
+    r = plan(_tiny(train={"batch_size": 8}), "8xH100")
+    one = plan(_tiny(mesh={"data": -1, "fsdp": 1}, train={"batch_size": 8}), "8xH100")
     assert r["source"].startswith("analytic estimate") and r["compiled_args"] is None
     assert r["mesh"]["fsdp"] == 8
     # fsdp shards params, EMA and moments 8 ways (up to dims that do not split evenly).
@@ -168,12 +153,12 @@ def test_cli_plan_json_and_exit_code(tmp_path, capsys):
 
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(tiny_dict(tmp_path / "run")))
-    assert main(["plan", str(path), "mesh.fsdp=-1", "mesh.data=1", "--topology", "8xH200",
-                 "--json"]) == 0
+    assert main(["plan", str(path), "mesh.fsdp=-1", "mesh.data=1", "train.batch_size=8",
+                 "--topology", "8xH200", "--json"]) == 0
     line = capsys.readouterr().out.strip()
     assert json.loads(line)["target"] == "8xH200"
-    assert main(["plan", str(path), "--topology", "8xH200", "train.batch_size=65536",
-                 "data.world.height=256", "data.world.width=256"]) == 1
+    assert main(["plan", str(path), "train.batch_size=65536", "data.world.height=256",
+                 "data.world.width=256", "--topology", "8xH200"]) == 1
     assert "DOES NOT FIT" in capsys.readouterr().out
     assert main(["plan", str(path), "--topology", "v9-8"]) == 2
     assert "allowed" in capsys.readouterr().err

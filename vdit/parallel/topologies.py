@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from vdit.config import ConfigError
 from vdit.train.throughput import PEAK_BF16
 
-GB = 1e9  # published HBM capacities are decimal gigabytes
+GIB = 2**30
 
 
 @dataclass(frozen=True)
@@ -40,13 +40,14 @@ class Generation:
         return PEAK_BF16[self.device_kind]
 
 
-# HBM per chip: Cloud TPU's published GB (decimal, a little below what the chips report, so the
-# fit verdict errs safe); NVIDIA's "80 GB" / "141 GB" as the devices report them in MiB.
+# HBM per chip. Cloud TPU's "GB" are binary: a v5p reports a 95 GiB limit, and libtpu's
+# compiler gives a v5e 15.75 GiB of its 16. NVIDIA's "80 GB" / "141 GB" as the devices report
+# them, in MiB.
 GENERATIONS = {g.name: g for g in (
-    Generation("v4", "tpu", "TPU v4", 32 * GB, 3, 2, "megacore", "v4", "v4"),
-    Generation("v5p", "tpu", "TPU v5p", 95 * GB, 3, 2, "default", "v5p", "v5p"),
-    Generation("v5e", "tpu", "TPU v5e", 16 * GB, 2, 1, "default", "v5e", "v5litepod"),
-    Generation("v6e", "tpu", "TPU v6e", 32 * GB, 2, 1, "default", "v6e", "v6e"),
+    Generation("v4", "tpu", "TPU v4", 32 * GIB, 3, 2, "megacore", "v4", "v4"),
+    Generation("v5p", "tpu", "TPU v5p", 95 * GIB, 3, 2, "default", "v5p", "v5p"),
+    Generation("v5e", "tpu", "TPU v5e", 16 * GIB, 2, 1, "default", "v5e", "v5litepod"),
+    Generation("v6e", "tpu", "TPU v6e", 32 * GIB, 2, 1, "default", "v6e", "v6e"),
     Generation("H100", "gpu", "H100", 81559 * 2**20),  # H100 SXM 80 GB
     Generation("H200", "gpu", "H200", 143771 * 2**20),  # H200 SXM 141 GB
 )}

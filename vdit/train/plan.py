@@ -32,7 +32,7 @@ from vdit.parallel.rules import MESH_AXES, get_rules
 from vdit.parallel.topologies import Target, parse_target, tpu_devices
 from vdit.scaling.flops import train_flops_per_step
 from vdit.train.plan_estimate import estimate_temporaries, suggestions
-from vdit.train.state import TrainState, make_optimizer, param_shardings
+from vdit.train.state import TrainState, make_optimizer, opt_state_shardings, param_shardings
 from vdit.train.step import train_step
 
 # The runtime keeps part of HBM for itself (program, collectives' buffers, fragmentation): a
@@ -72,7 +72,7 @@ def abstract_state(cfg: Config, system: TextToVideo, tx: optax.GradientTransform
                    mesh, rules) -> TrainState:
     """The TrainState `create_state` would build, as ShapeDtypeStructs carrying the shardings
     the trainer gives it: params and EMA by the logical-axis table, optimizer moments mirroring
-    the params (what propagation picks in `create_state`), everything else replicated."""
+    the params (`opt_state_shardings`), everything else replicated."""
     # Shapes do not depend on the attention kernel; tracing XLA attention keeps Pallas (its
     # interpret mode on this host) out of the remat'd init. Outside the mesh: keys live here.
     shaper = TextToVideo(dataclasses.replace(
@@ -88,8 +88,7 @@ def abstract_state(cfg: Config, system: TextToVideo, tx: optax.GradientTransform
 
     shapes = jax.eval_shape(init, jax.random.key(cfg.train.seed), abstract_stats(cfg, shaper))
     shardings = jax.tree.map(lambda _: replicated, shapes)
-    opt_shard = optax.tree_map_params(tx, lambda _, s: s, shapes.opt_state, p_shard,
-                                      transform_non_params=lambda _: replicated)
+    opt_shard = opt_state_shardings(tx, shapes.opt_state, p_shard, replicated)
     shardings = shardings.replace(params=p_shard, ema_params=p_shard, opt_state=opt_shard)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         shapes, shardings)
