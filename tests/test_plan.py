@@ -162,3 +162,11 @@ def test_cli_plan_json_and_exit_code(tmp_path, capsys):
     assert "DOES NOT FIT" in capsys.readouterr().out
     assert main(["plan", str(path), "--topology", "v9-8"]) == 2
     assert "allowed" in capsys.readouterr().err
+
+
+def test_a_mesh_too_wide_for_the_model_is_a_clear_error():
+    """fsdp over 64 GPUs cannot split a width-32 model: a ConfigError naming the fix."""
+    from vdit.train.plan import plan
+
+    with pytest.raises(ConfigError, match="smaller fsdp"):
+        plan(_tiny(train={"batch_size": 64}), "8x8xH100")

@@ -203,7 +203,11 @@ def plan(cfg: Config, target_name: str, mfu: float = 0.4) -> dict:
         mesh = make_mesh(cfg.mesh, tpu_devices(target))
     else:
         mesh = jax.sharding.AbstractMesh(tuple(sizes.values()), tuple(sizes))
-    state = abstract_state(cfg, system, tx, mesh, rules)
+    try:
+        state = abstract_state(cfg, system, tx, mesh, rules)
+    except ValueError as e:  # jax's IndivisibleError: a parameter dim the mesh cannot split
+        raise ConfigError(f"mesh: {' '.join(str(e).split())[:300]}; on {target.name} use a "
+                          "smaller fsdp/tensor axis (e.g. mesh.fsdp=8 mesh.data=-1)") from None
     batch = abstract_batch(cfg, system, mesh)
     params_b = per_chip_bytes(state.params) + per_chip_bytes(state.ema_params)
     opt_b = per_chip_bytes(state.opt_state)
