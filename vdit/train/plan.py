@@ -205,6 +205,7 @@ def plan(cfg: Config, target_name: str, mfu: float = 0.4) -> dict:
         mesh = jax.sharding.AbstractMesh(tuple(sizes.values()), tuple(sizes))
     try:
         state = abstract_state(cfg, system, tx, mesh, rules)
+        per_chip_bytes(state)  # an abstract mesh checks divisibility only here
     except ValueError as e:  # jax's IndivisibleError: a parameter dim the mesh cannot split
         raise ConfigError(f"mesh: {' '.join(str(e).split())[:300]}; on {target.name} use a "
                           "smaller fsdp/tensor axis (e.g. mesh.fsdp=8 mesh.data=-1)") from None
