@@ -278,6 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
     from vdit.scaling.sweep import register as register_sweep
 
     register_sweep(sub)
+    from vdit.train.plan_report import register as register_plan
+
+    register_plan(sub)
+    from vdit.launch import register as register_launch
+
+    register_launch(sub)
     return parser
 
 

@@ -69,6 +69,15 @@ def param_shardings(system: System, mesh: Mesh, rules: Rules):
     return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
+def opt_state_shardings(tx: optax.GradientTransformation, opt_state, p_shard, replicated):
+    """Optimizer-state shardings: moments (param-shaped leaves) as their params, counters and
+    the like replicated. Set explicitly because propagation cannot infer them: the moments
+    start as zeros, which depend on no sharded value, so XLA would replicate them (every chip
+    holding the whole of Adam's mu and nu)."""
+    return optax.tree_map_params(tx, lambda _, s: s, opt_state, p_shard,
+                                 transform_non_params=lambda _: replicated)
+
+
 def create_state(system: System, tx: optax.GradientTransformation, seed: int, stats: Stats,
                  mesh: Mesh, rules: Rules) -> TrainState:
     """A fresh TrainState, created sharded: params follow the logical-axis table."""
@@ -86,10 +95,9 @@ def create_state(system: System, tx: optax.GradientTransformation, seed: int, st
 
     abstract = jax.eval_shape(init, jax.random.key(seed))
     shardings = jax.tree.map(lambda _: replicated, abstract)
-    shardings = shardings.replace(params=p_shard, ema_params=p_shard)
-    # Optimizer moments mirror the params; let propagation place them, then read back.
-    state = jax.jit(init, out_shardings=shardings.replace(opt_state=None))(jax.random.key(seed))
-    return state
+    shardings = shardings.replace(params=p_shard, ema_params=p_shard, opt_state=opt_state_shardings(
+        tx, abstract.opt_state, p_shard, replicated))
+    return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
 
 
 def state_shardings(state: TrainState):

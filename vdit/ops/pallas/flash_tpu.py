@@ -219,6 +219,14 @@ def backward(q, k, v, q_seg, kv_seg, lse, delta, do, static: Static):
     return _from_kernel(dq), _from_kernel(dk), _from_kernel(dv)
 
 
+def _targets_tpu() -> bool:
+    """Whether the program being traced runs on TPUs."""
+    if jax.default_backend() == "tpu":
+        return True
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return getattr(device, "platform", None) == "tpu"
+
+
 def flash_attention_tpu(q: jax.Array, k: jax.Array, v: jax.Array,
                         q_seg: jax.Array | None = None, kv_seg: jax.Array | None = None, *,
                         blocks: BlockSizes | None = None, interpret=None):
@@ -226,11 +234,12 @@ def flash_attention_tpu(q: jax.Array, k: jax.Array, v: jax.Array,
 
     q [B, Lq, H, D], k, v [B, Lk, H, D]; q_seg [B, Lq], kv_seg [B, Lk] int (or None).
     Returns (o [B, Lq, H, D], lse [B, H, Lq] float32). interpret=None: TPU interpret mode
-    unless the default backend is a TPU; pass False to compile for TPU from a CPU host.
+    unless it runs on TPUs: the default backend's, or those of the ambient mesh (a CPU host
+    compiling for a TPU topology, `vdit plan`); pass False to compile for TPU regardless.
     Inside `shard_map` it needs `check_vma=False` (a Mosaic kernel cannot be partitioned).
     """
     if interpret is None:
-        interpret = False if jax.default_backend() == "tpu" else pltpu.InterpretParams()
+        interpret = False if _targets_tpu() else pltpu.InterpretParams()
     blocks = (blocks or BlockSizes.default("tpu")).clamp(q.shape[1], k.shape[1], _fit)
     return common.flash_attention(q, k, v, q_seg, kv_seg, forward=forward, backward=backward,
                                   blocks=blocks, interpret=interpret)

@@ -1,0 +1,172 @@
+"""`vdit plan`: the train step compiled ahead of time for TPU slices described by libtpu (nothing
+runs on them), the GPU estimate, target names, and the not-fitting verdict with its fixes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import tiny_dict
+
+from vdit.config import ConfigError, from_dict
+from vdit.parallel.topologies import parse_target
+
+
+def _tiny(**sections):
+    d = tiny_dict("runs/plan")
+    d["mesh"] = {"data": 1, "fsdp": -1}
+    for section, values in sections.items():
+        d.setdefault(section, {}).update(values)
+    return from_dict(d)
+
+
+@pytest.mark.parametrize("name,chips,hosts,topology,accel", [
+    ("v5p-8", 4, 1, "v5p:2x2x1", "v5p-8"),
+    ("v5p-64", 32, 8, "v5p:2x4x4", "v5p-64"),
+    ("v4-128", 64, 16, "v4:4x4x4", "v4-128"),
+    ("v5e-256", 256, 64, "v5e:16x16", "v5litepod-256"),
+    ("v5litepod-8", 8, 1, "v5e:2x4", "v5litepod-8"),
+    ("v6e-256", 256, 64, "v6e:16x16", "v6e-256"),
+    ("2xv5p-64", 64, 16, "v5p:2x4x4", "v5p-64"),
+])
+def test_tpu_names_count_cores_or_chips(name, chips, hosts, topology, accel):
+    """v4/v5p names count TensorCores (2 per chip), v5e/v6e count chips; Kx is K slices."""
+    t = parse_target(name)
+    assert (t.chips, t.hosts, t.topology, t.accelerator_type) == (chips, hosts, topology, accel)
+
+
+def test_gpu_node_names():
+    t = parse_target("2x8xH100")
+    assert (t.platform, t.chips, t.hosts, t.accelerator_type) == ("gpu", 16, 2, "8xH100")
+
+
+@pytest.mark.parametrize("bad", ["v5p-6", "v7-8", "tpu", "v5e-512", "9xH100", "v4-7"])
+def test_bad_topology_names_list_the_allowed_ones(bad):
+    with pytest.raises(ConfigError) as e:
+        parse_target(bad)
+    assert bad in str(e.value) and "v5p-64" in str(e.value) and "8xH100" in str(e.value)
+
+
+def test_compile_oom_reads_both_compiler_messages():
+    from vdit.train.plan import compile_oom
+
+    new = RuntimeError("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, "
+                       "the total memory required for HLO temporaries (42.88G) exceeds "
+                       "available HBM (15.75G). HLO module: jit_train_step.")
+    old = RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 98.50G "
+                       "of 95.74G hbm. Exceeded hbm capacity by 2.76G.")
+    assert compile_oom(new) == (42.88 * 2**30, 15.75 * 2**30, "temporaries")
+    assert compile_oom(old) == (98.5 * 2**30, 95.74 * 2**30, "total")
+    assert compile_oom(RuntimeError("INTERNAL: something else")) is None
+
+
+@pytest.fixture(scope="module")
+def v5p8_plan():
+    pytest.importorskip("libtpu")
+    from vdit.train.plan import plan
+
+    return plan(_tiny(), "v5p-8")
+
+
+def test_tpu_plan_bytes_agree_with_memory_analysis(v5p8_plan):
+    """The state's per-chip bytes, counted from its sharded shapes in the compiled tile
+    layouts, are exactly the compiled program's argument bytes; params are sharded 4 ways."""
+    from vdit.train.plan_report import format_plan
+
+    r = v5p8_plan
+    assert r["compiled"] and r["source"].startswith("TPU compiler")
+    assert r["args_agree"] and r["tiled_args"] == r["compiled_args"]
+    counted = r["param_bytes"] + r["opt_bytes"] + r["other_state_bytes"] + r["batch_bytes"]
+    assert counted <= r["compiled_args"]  # TPU tiles pad thin shards (this tiny model: 3x)
+    assert r["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1, "context": 1}
+    assert r["opt_bytes"] == pytest.approx(r["param_bytes"], rel=0.01)  # mu + nu = params + EMA
+    assert r["fits"] and r["fixes"] == []
+    assert r["xla_flops"] > 0 and r["flops_per_step"] > 0 and r["step_s"] > 0
+    table = format_plan(r)
+    assert "AGREE" in table and "DISAGREE" not in table and "FITS" in table
+
+
+def test_adam_moments_shard_like_their_params():
+    """mu and nu take their params' shardings (set explicitly, in `create_state` too: zeros
+    depend on nothing sharded, so propagation alone would replicate them on every chip)."""
+    import jax
+    import optax
+
+    from vdit.diffusion.text_to_video import TextToVideo
+    from vdit.parallel.rules import get_rules
+    from vdit.train.plan import abstract_state
+    from vdit.train.state import make_optimizer
+
+    cfg = _tiny()
+    mesh = jax.sharding.AbstractMesh((1, 4, 1, 1), ("data", "fsdp", "tensor", "context"))
+    tx = make_optimizer(cfg.train)
+    state = abstract_state(cfg, TextToVideo(cfg), tx, mesh, get_rules("default"))
+    adam = next(s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: isinstance(
+        x, optax.ScaleByAdamState)) if isinstance(s, optax.ScaleByAdamState))
+    params = [p.sharding.spec for p in jax.tree.leaves(state.params)]
+    assert any("fsdp" in str(spec) for spec in params)
+    for moment in (adam.mu, adam.nu):
+        assert [m.sharding.spec for m in jax.tree.leaves(moment)] == params
+
+
+def test_oversized_tpu_plan_is_flagged_with_fixes():
+    """A 3 B-parameter model data-parallel on a v5e-4: the state alone (16 bytes a parameter on
+    every chip) is over the 16 GB of HBM; the TPU compiler refuses, the plan says so and
+    suggests sharding the parameters."""
+    pytest.importorskip("libtpu")
+    from vdit.train.plan import plan
+    from vdit.train.plan_report import format_plan
+
+    cfg = _tiny(model={"width": 2048, "depth": 40, "heads": 16}, mesh={"data": -1, "fsdp": 1})
+    r = plan(cfg, "v5e-4")
+    assert not r["fits"]
+    assert r["param_bytes"] + r["opt_bytes"] > r["hbm_bytes"]
+    assert any("mesh.fsdp=-1" in fix for fix in r["fixes"])
+    table = format_plan(r)
+    assert "DOES NOT FIT" in table and "mesh.data=1 mesh.fsdp=-1" in table
+
+
+def test_gpu_plan_is_a_labelled_estimate():
+    """No GPU compiler here: params/optimizer bytes from the sharded abstract state, the rest
+    estimated, and the output says so."""
+    from vdit.train.plan import plan
+    from vdit.train.plan_report import format_plan
+
+    r = plan(_tiny(train={"batch_size": 8}), "8xH100")
+    one = plan(_tiny(mesh={"data": -1, "fsdp": 1}, train={"batch_size": 8}), "8xH100")
+    assert r["source"].startswith("analytic estimate") and r["compiled_args"] is None
+    assert r["mesh"]["fsdp"] == 8
+    # fsdp shards params, EMA and moments 8 ways (up to dims that do not split evenly).
+    assert one["param_bytes"] / 8 <= r["param_bytes"] < one["param_bytes"] / 2
+    assert r["fits"] and "ESTIMATE" in format_plan(r)
+    huge = plan(_tiny(train={"batch_size": 8192}, data={"world": {
+        "frames": 16, "height": 256, "width": 256}}), "8xH100")
+    assert not huge["fits"] and any("microbatches" in f or "batch_size" in f
+                                    for f in huge["fixes"])
+
+
+def test_cli_plan_json_and_exit_code(tmp_path, capsys):
+    """`vdit plan --json` prints one JSON line; exit 0 when it fits, 1 when it does not."""
+    import yaml
+
+    from vdit.cli import main
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_dict(tmp_path / "run")))
+    assert main(["plan", str(path), "mesh.fsdp=-1", "mesh.data=1", "train.batch_size=8",
+                 "--topology", "8xH200", "--json"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert json.loads(line)["target"] == "8xH200"
+    assert main(["plan", str(path), "train.batch_size=65536", "data.world.height=256",
+                 "data.world.width=256", "--topology", "8xH200"]) == 1
+    assert "DOES NOT FIT" in capsys.readouterr().out
+    assert main(["plan", str(path), "--topology", "v9-8"]) == 2
+    assert "allowed" in capsys.readouterr().err
+
+
+def test_a_mesh_too_wide_for_the_model_is_a_clear_error():
+    """fsdp over 64 GPUs cannot split a width-32 model: a ConfigError naming the fix."""
+    from vdit.train.plan import plan
+
+    with pytest.raises(ConfigError, match="smaller fsdp"):
+        plan(_tiny(train={"batch_size": 64}), "8x8xH100")
