@@ -66,6 +66,16 @@ def _cmd_eval_ae(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval_physics(args: argparse.Namespace) -> int:
+    from vdit.eval.physics_eval import run_eval_physics
+
+    summary = run_eval_physics(args.run_dirs, clips=args.clips, out=args.out,
+                               context_frames=args.context_frames, seed=args.seed, raw=args.raw)
+    out = Path(args.out) if args.out else Path(args.run_dirs[0]) / "physics"
+    print(f"wrote {out / 'physics.json'} and {', '.join(summary['plots'])}")
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from vdit.export.run_export import export_run
 
@@ -214,6 +224,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="where eval_ae.json / .gif go (default: PATH)")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.set_defaults(func=_cmd_eval_ae)
+
+    p = sub.add_parser("eval-physics", help="continue held-out simulations and measure their "
+                       "physics (velocity, gravity, permanence, ...) in and out of distribution")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="DiT run directories; "
+                   "several (a sweep) also give physics_vs_compute.png")
+    p.add_argument("--clips", type=int, default=8, help="held-out clips per split (default 8)")
+    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/physics)")
+    p.add_argument("--context-frames", type=int, default=None, metavar="K",
+                   help="latent frames given (default: the run's diffusion.context_frames, "
+                   "else a third of the clip)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--raw", action="store_true", help="raw params instead of the EMA")
+    p.set_defaults(func=_cmd_eval_physics)
 
     p = sub.add_parser("export", help="export a run: safetensors, a StableHLO sampler, or a "
                        "param-only checkpoint")

@@ -8,6 +8,7 @@ every caller can say so in its output.
 
 from __future__ import annotations
 
+import functools
 from functools import partial
 
 import jax
@@ -87,7 +88,15 @@ def continue_videos(system: TextToVideo, params, stats: Stats, contexts: np.ndar
     if len(prompts) != len(contexts):
         raise ValueError(f"{len(prompts)} prompts for {len(contexts)} contexts")
     tokens = np.stack([system.tokenizer.encode(p) for p in prompts])
-    latent = jax.jit(system.encode)(np.asarray(contexts, np.uint8), stats)[:, :k]
-    run = jax.jit(partial(system.generate, steps=cfg.steps, guidance=cfg.guidance,
-                          method=cfg.sampler, clean_context=method_for(system.cfg) == "clean"))
+    encode, run = _compiled(system, cfg)
+    latent = encode(np.asarray(contexts, np.uint8), stats)[:, :k]
     return np.asarray(run(params, tokens, stats, key, context=latent))
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled(system: TextToVideo, cfg: SampleConfig):
+    """Jitted (encode, generate) of a system, kept so that repeated calls (splits, prompts)
+    reuse the compiled programs."""
+    generate = partial(system.generate, steps=cfg.steps, guidance=cfg.guidance,
+                       method=cfg.sampler, clean_context=method_for(system.cfg) == "clean")
+    return jax.jit(system.encode), jax.jit(generate)
