@@ -144,7 +144,7 @@ def evaluate_run(run_dir: str | Path, *, clips: int = 8, context_frames: int | N
         for name, w in active:
             per_clip, tracks = [], []
             for clip, video in zip(data[name], videos[source][name], strict=True):
-                t = track(video, clip.colours, w.background)
+                t = track(video, clip.colours, w.background, clip.occluders)
                 per_clip.append(clip_metrics(t, clip, start, w.height, w.fps, w.gravity))
                 tracks.append(t)
                 bar.update()

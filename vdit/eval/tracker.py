@@ -84,14 +84,27 @@ def find_occluder(label: np.ndarray, cover: np.ndarray) -> np.ndarray:
     return grey.mean(axis=0) >= 0.5
 
 
+def rasterize(rects: np.ndarray, height: int, width: int) -> np.ndarray:
+    """bool [H, W]: pixels a rectangle of rects [k, 4] (x0, y0, x1, y1) covers at least half."""
+    ys, xs = np.mgrid[:height, :width] + 0.5
+    out = np.zeros((height, width), bool)
+    for x0, y0, x1, y1 in np.asarray(rects, np.float64).reshape(-1, 4):
+        out |= (xs >= x0) & (xs <= x1) & (ys >= y0) & (ys <= y1)
+    return out
+
+
 def track(frames: np.ndarray, colours: list[str], background: tuple[int, int, int],
-          partial_ratio: float = 0.6) -> Tracks:
+          occluders: np.ndarray | None = None, partial_ratio: float = 0.6) -> Tracks:
     """Track the balls `colours` (one ball per colour, as the world draws them) in uint8 frames
-    [T, H, W, 3]. A found ball is PARTIAL when its blob comes within a pixel of the occluder or
-    its area is below `partial_ratio` of its median unoccluded area."""
+    [T, H, W, 3]. `occluders` [k, 4]: where the occluder is (a continuation keeps its given
+    one); None finds it in the frames, which is ambiguous where a grey bar covers part of a
+    ball (grey lies on the line from the background to white). A found ball is PARTIAL when its
+    blob comes within two pixels of the occluder or its area is below `partial_ratio` of its
+    median unoccluded area."""
     names, label, cover = coverage(frames, background)
     t, n = len(frames), len(colours)
-    occluder = find_occluder(label, cover)
+    occluder = (find_occluder(label, cover) if occluders is None
+                else rasterize(occluders, *frames.shape[1:3]))
     near_occluder = ndimage.binary_dilation(occluder, structure=_EIGHT, iterations=2)
     ys, xs = np.mgrid[: frames.shape[1], : frames.shape[2]] + 0.5
     centres = np.full((t, n, 2), np.nan)
@@ -112,8 +125,10 @@ def track(frames: np.ndarray, colours: list[str], background: tuple[int, int, in
             centres[i, b] = (np.sum(w * xs) / area[i, b], np.sum(w * ys) / area[i, b])
             touching[i, b] = bool(np.any(blob & near_occluder))
         # Balls that appear from nowhere: blobs of other palette colours as big as a small ball.
+        # Not next to the occluder, where a ball's edge blended with grey can pass for another
+        # colour.
         for k in set(range(len(PALETTE))) - wanted:
-            mask = (label[i] == k) & (cover[i] >= _MIN_COVER)
+            mask = (label[i] == k) & (cover[i] >= _MIN_COVER) & ~near_occluder
             if mask.sum() >= 3:
                 blob = _blob(label[i] == k, mask, cover[i])
                 extra[i] += int(blob is not None and (cover[i] * blob).sum() >= 3.0)
