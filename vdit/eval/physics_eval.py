@@ -117,7 +117,11 @@ def evaluate_run(run_dir: str | Path, *, clips: int = 8, context_frames: int | N
     run_dir = Path(run_dir)
     if clips < 1:
         raise ConfigError(f"--clips: must be >= 1, got {clips}")
-    cfg, system, params, stats, step = load_for_sampling(run_dir, raw=raw)
+    # An explicit step: reading a run must never move a checkpoint aside (Checkpointer.restore
+    # does that to an unreadable newest one when asked for "the latest").
+    steps = [int(p.name) for p in (run_dir / "checkpoints").glob("*") if p.name.isdigit()]
+    cfg, system, params, stats, step = load_for_sampling(run_dir, max(steps, default=None),
+                                                         raw=raw)
     k = default_context_frames(cfg) if context_frames is None else context_frames
     start = video_frames_for(cfg, k)
     world = cfg.data.world
