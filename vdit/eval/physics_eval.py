@@ -160,7 +160,7 @@ def evaluate_run(run_dir: str | Path, *, clips: int = 8, context_frames: int | N
         "run": str(run_dir), "step": step, "params": "raw" if raw else "ema",
         "context_frames": k, "context_video_frames": start, "frames": world.frames,
         "method": describe_method(cfg, k), "sampler": dataclasses.asdict(cfg.sample),
-        "clips_per_split": clips, "seed": seed,
+        "clips_per_split": clips, "seed": seed, "flops": _training_flops(run_dir, cfg, step),
         "splits": {n: (w if isinstance(w, str) else
                        {"speed_range": list(w.speed_range), "radius_range": list(w.radius_range),
                         "colour_radius": [list(p) for p in w.colour_radius]})
@@ -188,8 +188,9 @@ def format_table(result: dict) -> str:
     return "\n".join(lines + skipped)
 
 
-def _training_flops(run_dir: Path, step: int) -> float:
+def _training_flops(run_dir: Path, cfg: Config, step: int) -> float:
     """Training FLOPs of a run: its sweep ledger row, else the analytic count x steps."""
+    from vdit.scaling.flops import train_flops_per_step
     from vdit.scaling.sweep import read_ledger
 
     ledger = run_dir.parent / "ledger.jsonl"
@@ -197,10 +198,7 @@ def _training_flops(run_dir: Path, step: int) -> float:
         for row in read_ledger(ledger):
             if Path(row["run_dir"]).name == run_dir.name:
                 return float(row["flops"])
-    from vdit.config import load_config
-    from vdit.scaling.flops import train_flops_per_step
-
-    return train_flops_per_step(load_config(run_dir / "config.yaml")) * step
+    return train_flops_per_step(cfg) * step
 
 
 def run_eval_physics(run_dirs: list[str], *, clips: int = 8, out: str | None = None,
@@ -218,7 +216,6 @@ def run_eval_physics(run_dirs: list[str], *, clips: int = 8, out: str | None = N
     for run in run_dirs:
         result, traces = evaluate_run(run, clips=clips, context_frames=context_frames,
                                       seed=seed, raw=raw, progress=progress)
-        result["flops"] = _training_flops(Path(run), result["step"])
         tqdm.write(format_table(result))
         results.append((result, traces))
     # Plots of one run: the only one, or the one trained with the most compute.
