@@ -90,6 +90,7 @@ def _summarise(per_clip: list[dict]) -> dict:
     reemerge = [e for m in per_clip for e in m["reemergence_errors"]]
     energy = [e for m in per_clip for e in m["energy_errors"]]
     return {
+        "found": mean("found"),
         "velocity_error": mean("velocity_error"),
         "gravity_error": float(np.median(gravity)) if gravity else float("nan"),
         "gravity_fits": len(gravity),
@@ -148,7 +149,7 @@ def evaluate_run(run_dir: str | Path, *, clips: int = 8, context_frames: int | N
         for name, w in active:
             per_clip, tracks = [], []
             for clip, video in zip(data[name], videos[source][name], strict=True):
-                t = track(video, clip.colours, w.background, clip.occluders)
+                t = track(video, clip.colours, w.background, clip.occluders, reference=start)
                 per_clip.append(clip_metrics(t, clip, start, w.height, w.fps, w.gravity))
                 tracks.append(t)
                 bar.update()
@@ -160,22 +161,23 @@ def evaluate_run(run_dir: str | Path, *, clips: int = 8, context_frames: int | N
         "run": str(run_dir), "step": step, "params": "raw" if raw else "ema",
         "context_frames": k, "context_video_frames": start, "frames": world.frames,
         "method": describe_method(cfg, k), "sampler": dataclasses.asdict(cfg.sample),
-        "clips_per_split": clips, "seed": seed, "flops": _training_flops(run_dir, cfg, step),
+        "clips_per_split": clips, "seed": seed,
         "splits": {n: (w if isinstance(w, str) else
                        {"speed_range": list(w.speed_range), "radius_range": list(w.radius_range),
                         "colour_radius": [list(p) for p in w.colour_radius]})
                    for n, w in worlds.items()},
         "rows": rows,
     }
+    result["flops"], result["params"] = _training_cost(run_dir, cfg, step)
     return result, traces
 
 
 def format_table(result: dict) -> str:
     """The rows as a fixed-width text table."""
-    cols = [("velocity_error", "vel h/s", "{:.3f}"), ("gravity_error", "grav rel", "{:.2f}"),
-            ("radius_drift", "r drift", "{:.3f}"), ("permanence_failure", "perm fail", "{:.2f}"),
-            ("count_error", "count", "{:.2f}"), ("reemergence_error", "reemerge h", "{:.3f}"),
-            ("energy_error", "energy", "{:.3f}")]
+    cols = [("found", "found", "{:.2f}"), ("velocity_error", "vel h/s", "{:.3f}"),
+            ("gravity_error", "grav rel", "{:.2f}"), ("radius_drift", "r drift", "{:.3f}"),
+            ("permanence_failure", "perm fail", "{:.2f}"), ("count_error", "count", "{:.2f}"),
+            ("reemergence_error", "reemerge h", "{:.3f}"), ("energy_error", "energy", "{:.3f}")]
     head = f"{'source':<13}{'split':<17}" + "".join(f"{h:>11}" for _, h, _ in cols)
     lines = [f"{result['run']} @ step {result['step']}: {result['clips_per_split']} clips per "
              f"split, {result['context_video_frames']} of {result['frames']} frames given",
@@ -188,17 +190,51 @@ def format_table(result: dict) -> str:
     return "\n".join(lines + skipped)
 
 
-def _training_flops(run_dir: Path, cfg: Config, step: int) -> float:
-    """Training FLOPs of a run: its sweep ledger row, else the analytic count x steps."""
+def _training_cost(run_dir: Path, cfg: Config, step: int) -> tuple[float, int]:
+    """(training FLOPs, parameters) of a run: its sweep ledger row, else the analytic count
+    x steps and the parameters counted from shapes."""
     from vdit.scaling.flops import train_flops_per_step
-    from vdit.scaling.sweep import read_ledger
+    from vdit.scaling.sweep import count_params, read_ledger
 
     ledger = run_dir.parent / "ledger.jsonl"
     if ledger.exists():
         for row in read_ledger(ledger):
             if Path(row["run_dir"]).name == run_dir.name:
-                return float(row["flops"])
-    return train_flops_per_step(cfg) * step
+                return float(row["flops"]), int(row["params"])
+    return train_flops_per_step(cfg) * step, count_params(cfg)
+
+
+def split_mean(result: dict, source: str, ood: bool, key: str) -> float:
+    """A metric of one source, in-distribution or averaged over the out-of-distribution
+    splits (those with data)."""
+    vals = [r[key] for r in result["rows"] if r["source"] == source
+            and (r["split"] != "in_distribution") == ood and np.isfinite(r[key])]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def format_compute_table(results: list[dict]) -> str:
+    """Markdown: the model's errors per run against training FLOPs (in-distribution | mean of
+    the out-of-distribution splits), calibration rows first."""
+    keys = (("found", "{:.2f}"), ("velocity_error", "{:.2f}"), ("gravity_error", "{:.2f}"),
+            ("radius_drift", "{:.2f}"), ("permanence_failure", "{:.2f}"))
+
+    def cell(v: float, fmt: str) -> str:
+        return fmt.format(v) if np.isfinite(v) else "-"
+
+    lines = ["| run | params | train FLOPs | " + " | ".join(
+        f"{k.replace('_', ' ')} (ID / OOD)" for k, _ in keys) + " |",
+        "|---|---:|---:|" + "---:|" * len(keys)]
+    first = results[0]
+    for source in ("ground truth", "autoencoder"):
+        lines.append(f"| *{source}* | | | " + " | ".join(
+            f"{cell(split_mean(first, source, False, k), f)} / "
+            f"{cell(split_mean(first, source, True, k), f)}" for k, f in keys) + " |")
+    for r in sorted(results, key=lambda r: r["flops"]):
+        lines.append(f"| {Path(r['run']).name} | {r['params']:,} | {r['flops']:.2e} | "
+                     + " | ".join(f"{cell(split_mean(r, 'model', False, k), f)} / "
+                                  f"{cell(split_mean(r, 'model', True, k), f)}"
+                                  for k, f in keys) + " |")
+    return "\n".join(lines)
 
 
 def run_eval_physics(run_dirs: list[str], *, clips: int = 8, out: str | None = None,
@@ -225,6 +261,9 @@ def run_eval_physics(run_dirs: list[str], *, clips: int = 8, out: str | None = N
     summary = {"runs": [r for r, _ in results], "plots_of": best["run"]}
     if len(results) > 1:
         plots.append(plot_vs_compute(summary["runs"], out_dir / "physics_vs_compute.png"))
+        table = format_compute_table(summary["runs"])
+        (out_dir / "physics_vs_compute.md").write_text(table + "\n")
+        tqdm.write(table)
     summary["plots"] = [p.name for p in plots]
     (out_dir / "physics.json").write_text(json.dumps(summary, indent=1, allow_nan=True))
     return summary

@@ -4,6 +4,7 @@ A continuation is given the first `start` video frames and generates the rest; a
 when the newest frame it uses is generated, so the given frames serve only as initial conditions.
 Units are the world's: lengths in frame heights (h), time in seconds.
 
+- found: the fraction of generated ball-frames in which the tracker found the ball at all.
 - velocity error: |v_tracked - v_true| per ball and frame pair, finite differences of centres
   (h/s), over pairs where the tracker saw the ball whole in both frames.
 - gravity: one curvature shared by every free-flight arc of the clip (arcs from the ground
@@ -190,6 +191,7 @@ def clip_metrics(tracks: Tracks, clip: Clip, start: int, height: int, fps: float
     re_err, re_missed = reemergence(tracks, clip, start, height)
     energy = energy_errors(tracks, clip, start, height, fps, gravity)
     return {
+        "found": float(np.mean(tracks.state[start:] != MISSING)),
         "velocity_error": velocity_error(tracks, clip, start, height, fps),
         "gravity_fit": g_fit,
         "gravity_error": abs(g_fit - gravity) / gravity if gravity > 0 else abs(g_fit),

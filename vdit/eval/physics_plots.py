@@ -86,17 +86,14 @@ def plot_vs_compute(results: list[dict], path: Path) -> Path:
     """Model error against training FLOPs, one colour per model size (the run name's prefix
     before '-'): in-distribution solid, out-of-distribution splits' mean dashed; the ground
     truth and autoencoder rows of the first run as grey reference lines."""
+    from vdit.eval.physics_eval import split_mean as value
+
     plt = _plt()
     fig, axes = plt.subplots(2, 3, figsize=(13, 7), dpi=110)
     sizes = sorted({Path(r["run"]).name.split("-")[0] for r in results},
                    key=lambda s: float(s.lstrip("x")) if s.lstrip("x").replace(".", "").isdigit()
                    else s)
     cmap = plt.get_cmap("viridis")
-
-    def value(r: dict, source: str, ood: bool, key: str) -> float:
-        vals = [row[key] for row in r["rows"] if row["source"] == source
-                and (row["split"] != "in_distribution") == ood and np.isfinite(row[key])]
-        return float(np.mean(vals)) if vals else float("nan")
 
     for ax, (key, title) in zip(axes.ravel(), PANELS, strict=True):
         for i, size in enumerate(sizes):
@@ -112,6 +109,10 @@ def plot_vs_compute(results: list[dict], path: Path) -> Path:
             ref = value(results[0], source, False, key)
             if np.isfinite(ref):
                 ax.axhline(ref, color="0.5", ls=style, lw=1, label=source)
+        if not any(np.isfinite(line.get_ydata()).any() for line in ax.get_lines()
+                   if len(line.get_xdata()) > 2):
+            ax.text(0.5, 0.5, "no data: no such events\namong the tracked balls",
+                    ha="center", va="center", transform=ax.transAxes, color="0.4")
         ax.set(xscale="log", xlabel="training FLOPs", title=title)
         ax.grid(alpha=0.3, which="both")
     axes[0, 0].legend(fontsize=7, ncol=2)

@@ -94,13 +94,15 @@ def rasterize(rects: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def track(frames: np.ndarray, colours: list[str], background: tuple[int, int, int],
-          occluders: np.ndarray | None = None, partial_ratio: float = 0.6) -> Tracks:
+          occluders: np.ndarray | None = None, partial_ratio: float = 0.6,
+          reference: int = 0) -> Tracks:
     """Track the balls `colours` (one ball per colour, as the world draws them) in uint8 frames
     [T, H, W, 3]. `occluders` [k, 4]: where the occluder is (a continuation keeps its given
     one); None finds it in the frames, which is ambiguous where a grey bar covers part of a
     ball (grey lies on the line from the background to white). A found ball is PARTIAL when its
     blob comes within two pixels of the occluder or its area is below `partial_ratio` of its
-    median unoccluded area."""
+    median unoccluded area, taken over the first `reference` frames when they show it (a
+    continuation's given frames: generated specks must not set the scale), else over all."""
     names, label, cover = coverage(frames, background)
     t, n = len(frames), len(colours)
     occluder = (find_occluder(label, cover) if occluders is None
@@ -136,6 +138,8 @@ def track(frames: np.ndarray, colours: list[str], background: tuple[int, int, in
     state = np.where(found, VISIBLE, MISSING).astype(np.int8)
     for b in range(n):
         clear = found[:, b] & ~touching[:, b]
+        if clear[:reference].any():
+            clear[reference:] = False
         ref = np.median(area[clear, b]) if clear.any() else np.nan
         shrunk = area[:, b] < partial_ratio * ref if np.isfinite(ref) else False
         state[found[:, b] & (touching[:, b] | shrunk), b] = PARTIAL
