@@ -53,3 +53,23 @@ def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a GPU (jax.default_backend() is not 'gpu')")
     for item in gpu_items:
         item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A param-only checkpoint (`vdit export --to params`) of an untrained TINY DiT: what
+    sampling and evaluation read, without the cost of training or an optimizer state."""
+    import flax.linen as nn
+
+    from vdit.config import to_dict
+    from vdit.data.pipeline import fixed_batch
+    from vdit.diffusion.text_to_video import TextToVideo
+    from vdit.train.checkpoint import save_params
+
+    cfg = from_dict(tiny_dict())
+    system = TextToVideo(cfg)
+    params = nn.unbox(jax.jit(system.init)(jax.random.key(0)))["params"]
+    videos = fixed_batch(cfg.data, system.tokenizer, "train", cfg.data.stats_clips)["video"]
+    tensors = {"params": params, "stats": system.initial_stats(videos)}
+    return save_params(tmp_path_factory.mktemp("tiny") / "params", jax.device_get(tensors),
+                       {"kind": "dit", "config": to_dict(cfg), "step": 0})

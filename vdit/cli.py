@@ -77,6 +77,16 @@ def _cmd_eval_ae(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval_physics(args: argparse.Namespace) -> int:
+    from vdit.eval.physics_eval import run_eval_physics
+
+    summary = run_eval_physics(args.run_dirs, clips=args.clips, out=args.out,
+                               context_frames=args.context_frames, seed=args.seed, raw=args.raw)
+    out = Path(args.out) if args.out else Path(args.run_dirs[0]) / "physics"
+    print(f"wrote {out / 'physics.json'} and {', '.join(summary['plots'])}")
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from vdit.export.run_export import export_run
 
@@ -105,15 +115,38 @@ def _cmd_sample(args: argparse.Namespace) -> int:
               "detected as AI-generated from their pixels; their sidecars record this.",
               file=sys.stderr)
     cfg, system, params, stats, step = load_for_sampling(args.run_dir, args.step, args.raw)
+    context = _read_context(args, cfg)
     out = Path(args.out) if args.out else Path(args.run_dir) / "samples"
     marking = Marking(watermark=not args.no_watermark, key=args.watermark_key or default_key(),
                       run_id=f"{Path(args.run_dir).resolve().name}@{step}",
                       c2pa_cert=args.c2pa_cert, c2pa_key=args.c2pa_key)
     paths = sample_run(cfg, system, params, stats, out, args.prompt or None, args.num,
-                       args.seed, marking)
+                       args.seed, marking, context, args.context_frames or 0)
     for p in paths:
         print(p)
     return 0
+
+
+def _read_context(args: argparse.Namespace, cfg):
+    """`--context VIDEO --context-frames K` -> the video's frames (checked), or None."""
+    from vdit.config import ConfigError
+
+    if args.context is None:
+        if args.context_frames is not None:
+            raise ConfigError("--context-frames needs --context VIDEO")
+        return None
+    from vdit.data.video_io import read_video
+    from vdit.sample.continuation import describe_method, fit_context
+
+    if args.context_frames is None:
+        raise ConfigError("--context needs --context-frames K (latent frames to keep)")
+    try:
+        frames, _ = read_video(args.context)
+    except ValueError as e:
+        raise ConfigError(f"--context: {e}") from None
+    fit_context(frames, cfg, args.context_frames, source=f"--context {args.context}")
+    print(describe_method(cfg, args.context_frames))
+    return frames
 
 
 def _cmd_detect(args: argparse.Namespace) -> int:
@@ -203,6 +236,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.set_defaults(func=_cmd_eval_ae)
 
+    p = sub.add_parser("eval-physics", help="continue held-out simulations and measure their "
+                       "physics (velocity, gravity, permanence, ...) in and out of distribution")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="DiT run directories; "
+                   "several (a sweep) also give physics_vs_compute.png")
+    p.add_argument("--clips", type=int, default=8, help="held-out clips per split (default 8)")
+    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/physics)")
+    p.add_argument("--context-frames", type=int, default=None, metavar="K",
+                   help="latent frames given (default: the run's diffusion.context_frames, "
+                   "else a third of the clip)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--raw", action="store_true", help="raw params instead of the EMA")
+    p.set_defaults(func=_cmd_eval_physics)
+
     p = sub.add_parser("export", help="export a run: safetensors, a StableHLO sampler, or a "
                        "param-only checkpoint")
     p.add_argument("run_dir")
@@ -232,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/samples)")
     p.add_argument("--raw", action="store_true", help="use raw params instead of the EMA")
+    p.add_argument("--context", default=None, metavar="VIDEO",
+                   help="continue this video (mp4 of the run's size or an integer multiple)")
+    p.add_argument("--context-frames", type=int, default=None, metavar="K",
+                   help="latent frames of --context kept (1 + ft(K-1) video frames for the "
+                   "causal VAE)")
     p.add_argument("--no-watermark", action="store_true",
                    help="do NOT embed the invisible watermark (recorded in each sidecar)")
     p.add_argument("--watermark-key", default=None,

@@ -187,9 +187,15 @@ class DiffusionConfig:
     shift_base_tokens: int = 256
     caption_dropout: float = 0.1
     eval_timesteps: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
+    # Continuation training: the first k latent frames of each clip stay clean (t = 0 on their
+    # tokens) and carry no loss, so the model learns to continue a given start (`vdit sample
+    # --context`). 0: plain text-to-video.
+    context_frames: int = 0
 
     def validate(self) -> list[str]:
         problems = _positive(self, "t_std", "shift_base_tokens")
+        if self.context_frames < 0:
+            problems.append(f"context_frames: must be >= 0, got {self.context_frames}")
         if self.shift is not None and self.shift <= 0:
             problems.append(f"shift: must be > 0 or null (auto), got {self.shift}")
         if not 0.0 <= self.caption_dropout < 1.0:
@@ -338,6 +344,14 @@ class Config:
                 f"(factors[0]={ae.factors[0]}), got {w.frames}"
             )
         latent = self.latent_shape()
+        k = self.diffusion.context_frames
+        if k and not (k < latent[0] and k % p[0] == 0):
+            problems.append(f"diffusion.context_frames: must be < the {latent[0]} latent frames "
+                            f"(leaving some to generate) and a multiple of model.patch[0]="
+                            f"{p[0]}, got {k}")
+        if k and self.data.batching == "pack":
+            problems.append("diffusion.context_frames: needs data.batching 'bucket' (packed "
+                            "rows have no fixed first frames)")
         for axis, size, f, lat, pp in zip(
             "thw", (w.frames, w.height, w.width), ae.factors, latent[:3], p, strict=True
         ):

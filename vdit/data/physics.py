@@ -53,6 +53,10 @@ class WorldConfig:
         "red", "green", "blue", "yellow", "magenta", "cyan", "orange", "white"
     )
     background: tuple[int, int, int] = (16, 16, 24)
+    # Colour-size coupling: (colour, min, max) pairs give that colour its own radius range
+    # (fractions of height) instead of radius_range, so some colour-size combinations are never
+    # seen in training (an out-of-distribution split for `vdit eval-physics`). Empty: none.
+    colour_radius: tuple[tuple[str, float, float], ...] = ()
 
     def validate(self) -> list[str]:
         """Human-readable problems, each starting with the field name; empty when fine."""
@@ -86,6 +90,12 @@ class WorldConfig:
         for c in self.colours:
             if c not in PALETTE:
                 p.append(f"colours: unknown colour {c!r}; allowed: {', '.join(PALETTE)}")
+        for c, lo, hi in self.colour_radius:
+            if c not in PALETTE:
+                p.append(f"colour_radius: unknown colour {c!r}; allowed: {', '.join(PALETTE)}")
+            if not 0 < lo <= hi or 2 * hi * self.height > min(self.height, self.width):
+                p.append(f"colour_radius: {c} range ({lo}, {hi}) must have 0 < min <= max "
+                         "and fit in the frame")
         if len(self.background) != 3 or any(not 0 <= v <= 255 for v in self.background):
             p.append(f"background: need three values in [0, 255], got {self.background}")
         return p
@@ -334,6 +344,13 @@ def _initial_state(
     n = int(rng.integers(cfg.min_balls, cfg.max_balls + 1))
     colours = [str(c) for c in rng.choice(cfg.colours, n, replace=n > len(cfg.colours))]
     radii = rng.uniform(*cfg.radius_range, size=n) * h
+    if cfg.colour_radius:  # the same draw, mapped into the colour's range: no extra rng calls
+        lo, hi = cfg.radius_range
+        u = (radii / h - lo) / max(hi - lo, 1e-9)
+        for b, c in enumerate(colours):
+            for name, clo, chi in cfg.colour_radius:
+                if name == c:
+                    radii[b] = (clo + u[b] * (chi - clo)) * h
     slo, shi = cfg.speed_range
     pos, vel = np.zeros((n, 2)), np.zeros((n, 2))
     for b in range(n):

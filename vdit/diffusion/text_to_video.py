@@ -19,6 +19,7 @@ from vdit.diffusion.flow import noisy, resolve_shift, sample_time, velocity_loss
 from vdit.diffusion.sampler import sample_ode
 from vdit.models.autoencoder import make_autoencoder
 from vdit.models.dit import DiT
+from vdit.models.patch import token_grid
 from vdit.models.text import null_tokens_like, physics_tokenizer
 
 Stats = dict[str, Any]
@@ -110,8 +111,30 @@ class TextToVideo:
         tokens = self.drop_captions(batch["tokens"], k_drop)
         t = sample_time(k_t, x0.shape[0], self.cfg.diffusion, self.shift)
         noise = jax.random.normal(k_noise, x0.shape)
-        v = self.dit.apply({"params": params}, noisy(x0, noise, t), t, tokens)
-        return velocity_loss(v, x0, noise).mean(), {}
+        return self.flow_loss(params, x0, noise, t, tokens).mean(), {}
+
+    def token_times(self, t: jax.Array, k: int, latent_shape: tuple[int, ...]) -> jax.Array:
+        """Per-token times [B, N] (tokens in (t, h, w) raster order): 0 on the tokens of the
+        first k latent frames (clean context), t [B] elsewhere."""
+        grid = token_grid(latent_shape, self.cfg.model.patch)
+        n, context = grid[0] * grid[1] * grid[2], k // self.cfg.model.patch[0] * grid[1] * grid[2]
+        return jnp.where(jnp.arange(n)[None] < context, 0.0, t[:, None])
+
+    def flow_loss(self, params, x0: jax.Array, noise: jax.Array, t: jax.Array,
+                  tokens: jax.Array) -> jax.Array:
+        """Per-sample velocity loss [B] for latents x0, noise [B, T', H', W', C] at times t [B].
+
+        With diffusion.context_frames = k the first k latent frames are fed clean, their tokens
+        get t = 0 (the DiT's adaLN sees per-token times, as for packed rows), and the loss is
+        taken over the other frames only: the context is given, not predicted.
+        """
+        k = self.cfg.diffusion.context_frames
+        x_t = noisy(x0, noise, t)
+        if not k:
+            return velocity_loss(self.dit.apply({"params": params}, x_t, t, tokens), x0, noise)
+        x_t = x_t.at[:, :k].set(x0[:, :k])
+        v = self.dit.apply({"params": params}, x_t, self.token_times(t, k, x0.shape[1:]), tokens)
+        return velocity_loss(v[:, k:], x0[:, k:], noise[:, k:])
 
     def packed_loss(self, params, batch: dict, stats: Stats,
                     key: jax.Array) -> tuple[jax.Array, dict]:
@@ -150,23 +173,39 @@ class TextToVideo:
 
         def at(t_scalar):
             t = jnp.full((x0.shape[0],), t_scalar)
-            v = self.dit.apply({"params": params}, noisy(x0, noise, t), t, batch["tokens"])
-            return velocity_loss(v, x0, noise).mean()
+            return self.flow_loss(params, x0, noise, t, batch["tokens"]).mean()
 
         return jax.lax.map(at, jnp.asarray(self.cfg.diffusion.eval_timesteps))
 
     # --- generation ------------------------------------------------------------------------
     def generate(self, params, tokens: jax.Array, stats: Stats, key: jax.Array, *, steps: int,
-                 guidance: float, method: str) -> jax.Array:
-        """Captions int32 [B, S] -> uint8 videos [B, T, H, W, 3]; deterministic for `key`."""
+                 guidance: float, method: str, context: jax.Array | None = None,
+                 clean_context: bool = False) -> jax.Array:
+        """Captions int32 [B, S] -> uint8 videos [B, T, H, W, 3]; deterministic for `key`.
+
+        Continuation: `context` is the normalised latent of the first k frames [B, k, H', W',
+        C]. With `clean_context` (a model trained with diffusion.context_frames) it is fed clean
+        with t = 0 on its tokens at every step; otherwise by replacement (Ho et al. 2022): at
+        each step the context frames are overwritten by the ground truth noised to the current
+        t with the sampler's own initial noise. Either way the result keeps the context exactly.
+        """
         empty = null_tokens_like(tokens)
+        noise = jax.random.normal(key, (tokens.shape[0], *self.latent_shape))
+        k = 0 if context is None else context.shape[1]
 
         def velocity(x, t, cond):
+            if k:
+                tb = t[:, None, None, None, None]
+                given = context if clean_context else (1 - tb) * context + tb * noise[:, :k]
+                x = x.at[:, :k].set(given)
+                if clean_context:
+                    t = self.token_times(t, k, x.shape[1:])
             return self.dit.apply({"params": params}, x, t, tokens if cond else empty)
 
-        noise = jax.random.normal(key, (tokens.shape[0], *self.latent_shape))
         latent = sample_ode(velocity, noise, steps=steps, guidance=guidance, shift=self.shift,
                             method=method)
+        if k:
+            latent = latent.at[:, :k].set(context)
         return self.decode(latent, stats)
 
 

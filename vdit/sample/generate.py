@@ -113,13 +113,34 @@ def write_samples(out_dir: str | Path, videos: np.ndarray, prompts: list[str], n
     return [*paths, grid]
 
 
+def continue_prompts(system: TextToVideo, params, stats: Stats, prompts: list[str],
+                     context: np.ndarray, k: int, *, num: int, seed: int,
+                     cfg: SampleConfig) -> np.ndarray:
+    """Like `generate`, each video continuing `context` (uint8 [F, H, W, 3], see
+    `continuation.fit_context`) from its first k latent frames: [len(prompts) * num, T, H, W, 3].
+    """
+    from vdit.sample.continuation import continue_videos, fit_context
+
+    clip = fit_context(context, system.cfg, k)
+    return np.concatenate([
+        continue_videos(system, params, stats, np.repeat(clip[None], num, axis=0), [p] * num,
+                        k=k, key=jax.random.fold_in(jax.random.key(seed), i), cfg=cfg)
+        for i, p in enumerate(prompts)])
+
+
 def sample_run(cfg: Config, system: TextToVideo, params, stats: Stats, out_dir: str | Path,
                prompts: list[str] | None = None, num: int | None = None,
-               seed: int | None = None, marking: Marking = Marking()) -> list[Path]:
-    """Generate from `prompts` (default: the config's) and write files under out_dir."""
+               seed: int | None = None, marking: Marking = Marking(),
+               context: np.ndarray | None = None, context_frames: int = 0) -> list[Path]:
+    """Generate from `prompts` (default: the config's) and write files under out_dir; with
+    `context` (uint8 frames), continue it from its first `context_frames` latent frames."""
     prompts = list(prompts or cfg.sample.prompts)
     num = num or cfg.sample.num_per_prompt
     seed = cfg.sample.seed if seed is None else seed
-    videos = generate(system, params, stats, prompts, num=num, seed=seed, cfg=cfg.sample)
+    if context is None:
+        videos = generate(system, params, stats, prompts, num=num, seed=seed, cfg=cfg.sample)
+    else:
+        videos = continue_prompts(system, params, stats, prompts, context, context_frames,
+                                  num=num, seed=seed, cfg=cfg.sample)
     return write_samples(out_dir, videos, prompts, num, cfg.sample.fps, seed=seed,
                          model_hash=params_hash(params), marking=marking)

@@ -43,6 +43,8 @@ class Checkpointer:
             try:
                 return self._restore(target, candidate)
             except Exception as e:  # orbax/tensorstore raise many types for damaged files
+                if "tree structures do not match" in str(e):
+                    raise  # a checkpoint of another model or code version, not a damaged one
                 bad = self.directory / str(candidate)
                 aside = self.directory / f"corrupt-{candidate}"
                 if bad.exists():
@@ -56,9 +58,22 @@ class Checkpointer:
 
     def _restore(self, target: Any, step: int) -> tuple[Any, dict]:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        try:
+            out = self._restore_into(abstract, step)
+        except ValueError as e:
+            if "tree structures do not match" not in str(e):
+                raise
+            # Asynchronous saves drop empty dicts (the parameter-free autoencoder's
+            # stats["autoencoder"] = {}); they hold no arrays, so restore without them and
+            # put the arrays back into the full structure.
+            out = self._restore_into(_drop_empty(abstract), step)
+            state = jax.tree.unflatten(jax.tree.structure(abstract), jax.tree.leaves(out["state"]))
+            return state, dict(out["meta"])
         return out["state"], dict(out["meta"])
+
+    def _restore_into(self, abstract: Any, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
 
     def restore_raw(self, step: int | None = None) -> tuple[dict, dict]:
         """The saved state as nested dicts of numpy arrays, without a target structure."""
@@ -87,6 +102,18 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _drop_empty(tree: Any) -> Any:
+    """`tree` without empty dicts (inside dicts and dataclass fields); the leaves are unchanged."""
+    import dataclasses
+
+    if isinstance(tree, dict):
+        return {k: _drop_empty(v) for k, v in tree.items() if not (isinstance(v, dict) and not v)}
+    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        return tree.replace(**{f.name: _drop_empty(getattr(tree, f.name))
+                               for f in dataclasses.fields(tree)})
+    return tree
 
 
 PARAMS_MARKER = "vdit-params.json"  # names a param-only checkpoint folder

@@ -1,0 +1,139 @@
+"""Physics evaluation: the tracker against the simulator's truth, the metrics on clips with known
+defects (a vanished ball, reversed gravity), the out-of-distribution worlds, and
+`vdit eval-physics` end to end on an untrained tiny run."""
+
+import dataclasses
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from vdit.config import ConfigError, from_dict
+from vdit.data.physics import WorldConfig, render_frames, simulate
+from vdit.eval.physics_eval import split_worlds
+from vdit.eval.physics_metrics import clip_metrics, permanence
+from vdit.eval.tracker import VISIBLE, track
+
+SMALL = WorldConfig(frames=12, height=32, width=32)
+
+
+def _clear(clip, t: int, b: int, margin: float = 3.0) -> bool:
+    """Ball b at frame t is away from the occluder and from every other ball."""
+    p, r = clip.positions[t, b], clip.radii[b]
+    for x0, y0, x1, y1 in clip.occluders:
+        if np.hypot(max(x0 - p[0], 0, p[0] - x1), max(y0 - p[1], 0, p[1] - y1)) < r + margin:
+            return False
+    others = [o for o in range(len(clip.radii)) if o != b]
+    return all(np.linalg.norm(clip.positions[t, o] - p) >= r + clip.radii[o] + margin
+               for o in others)
+
+
+def test_tracker_recovers_true_trajectories_within_half_a_pixel():
+    checked = 0
+    for seed in range(12):
+        clip = simulate(SMALL, seed)
+        tracks = track(clip.frames, clip.colours, SMALL.background, clip.occluders)
+        for t in range(SMALL.frames):
+            for b in range(len(clip.colours)):
+                if not _clear(clip, t, b):
+                    continue
+                assert tracks.state[t, b] == VISIBLE, (seed, t, b)
+                assert np.linalg.norm(tracks.centres[t, b] - clip.positions[t, b]) < 0.5
+                assert abs(tracks.radii[t, b] - clip.radii[b]) < 0.5
+                checked += 1
+    assert checked > 150  # most ball-frames are clear: the bound is tested broadly
+
+
+def test_ground_truth_clips_score_near_zero_and_hidden_balls_are_not_failures():
+    world = dataclasses.replace(SMALL, occluder_prob=1.0)
+    hidden = 0
+    for seed in range(8):
+        clip = simulate(world, seed)
+        tracks = track(clip.frames, clip.colours, world.background, clip.occluders)
+        m = clip_metrics(tracks, clip, 3, world.height, world.fps, world.gravity)
+        hidden += int((~clip.visible[3:]).any())
+        assert not m["failure"], seed
+        assert m["velocity_error"] < 0.02  # frame heights per second
+        assert not np.isfinite(m["gravity_error"]) or m["gravity_error"] < 0.05
+        assert all(e < 0.02 for e in m["reemergence_errors"])
+    assert hidden >= 2  # balls did pass behind the bar
+
+
+def test_a_ball_deleted_for_some_frames_is_an_object_permanence_failure():
+    world = dataclasses.replace(SMALL, min_balls=2, max_balls=2, occluder_prob=0.0)
+    clip = simulate(world, 3)
+    frames = clip.frames.copy()
+    gone = slice(5, 9)  # ball 0 is not drawn in frames 5-8
+    frames[gone] = render_frames(clip.positions[gone, 1:], clip.radii[1:], clip.colours[1:],
+                                 clip.occluders, world.height, world.width, world.background)
+    intact = track(clip.frames, clip.colours, world.background, clip.occluders)
+    deleted = track(frames, clip.colours, world.background, clip.occluders)
+    assert not permanence(intact, clip, 3, world.height)["failure"]
+    result = permanence(deleted, clip, 3, world.height)
+    assert result["failure"] and result["vanished"] == 1 and result["count_error"] > 0
+
+
+def test_a_clip_rendered_with_reversed_gravity_gives_a_large_gravity_error():
+    world = dataclasses.replace(SMALL, occluder_prob=0.0)
+    errors, reversed_errors = [], []
+    for seed in range(6):
+        clip = simulate(world, seed)
+        up = clip.positions.copy()
+        up[..., 1] = world.height - up[..., 1]  # mirrored: every ball falls upward
+        frames = render_frames(up, clip.radii, clip.colours, clip.occluders, world.height,
+                               world.width, world.background)
+        for video, out in ((clip.frames, errors), (frames, reversed_errors)):
+            tracks = track(video, clip.colours, world.background, clip.occluders)
+            out.append(clip_metrics(tracks, clip, 3, world.height, world.fps,
+                                    world.gravity)["gravity_error"])
+    assert np.nanmax(errors) < 0.05
+    assert np.nanmin(reversed_errors) > 1.5  # g_fit ~ -g: a relative error of ~2
+
+
+def test_colour_radius_couples_sizes_and_leaves_default_seeds_unchanged():
+    # The default world renders what it rendered before colour_radius existed.
+    digest = hashlib.sha256(simulate(WorldConfig(), 7).frames.tobytes()).hexdigest()
+    assert digest == "89049dda0ae1f7dec2a8151e79ef2e1da0813f51d259cda2af7689e26ecbe63b"
+    coupled = WorldConfig(frames=2, colours=("red", "blue"),
+                          colour_radius=(("red", 0.06, 0.08), ("blue", 0.12, 0.14)))
+    for seed in range(10):
+        clip = simulate(coupled, seed)
+        for colour, r in zip(clip.colours, clip.radii / coupled.height, strict=True):
+            lo, hi = (0.06, 0.08) if colour == "red" else (0.12, 0.14)
+            assert lo * 0.9**10 <= r <= hi + 1e-6  # placement may shrink a ball by 0.9 steps
+    combo = split_worlds(coupled)["ood_combo"]
+    assert combo.colour_radius == (("red", 0.12, 0.14), ("blue", 0.06, 0.08))
+    # Seen from a config file; a bad colour is refused by name.
+    cfg = from_dict({"data": {"world": {"frames": 17, "colour_radius": [["red", 0.06, 0.08]]}}})
+    assert cfg.data.world.colour_radius == (("red", 0.06, 0.08),)
+    with pytest.raises(ConfigError, match=r"data\.world\.colour_radius"):
+        from_dict({"data": {"world": {"frames": 17, "colour_radius": [["pink", 0.06, 0.08]]}}})
+
+
+def test_out_of_distribution_worlds_lie_outside_the_training_ranges():
+    world = WorldConfig(frames=8, height=16, width=16, radius_range=(0.09, 0.16))
+    splits = split_worlds(world)
+    assert splits["ood_speed"].speed_range[0] >= world.speed_range[1]
+    assert splits["ood_radius"].radius_range[0] >= world.radius_range[1]
+    assert isinstance(splits["ood_combo"], str)  # no coupling: every combination was seen
+    assert not splits["ood_radius"].validate()
+
+
+def test_eval_physics_end_to_end_on_a_tiny_run(tiny_run, tmp_path, capsys):
+    from vdit.cli import main
+
+    out = tmp_path / "physics"
+    assert main(["eval-physics", str(tiny_run), "--clips", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert "replacement" in printed.out + printed.err
+    result = json.loads((out / "physics.json").read_text())["runs"][0]
+    rows = {(r["source"], r["split"]): r for r in result["rows"]}
+    assert {s for s, _ in rows} == {"ground truth", "autoencoder", "model"}
+    assert {"in_distribution", "ood_speed", "ood_radius"} <= {s for _, s in rows}
+    truth = rows["ground truth", "in_distribution"]
+    assert truth["permanence_failure"] == 0 and truth["velocity_error"] < 0.05
+    for name in ("error_by_split.png", "trajectories.png"):
+        assert (out / name).stat().st_size > 5000
+    assert main(["eval-physics", str(tmp_path / "nowhere")]) == 2
+    assert "not a vdit run directory" in capsys.readouterr().err

@@ -1,0 +1,269 @@
+"""`vdit eval-physics RUN_DIR`: did the model learn physics, or copy its data?
+
+Held-out simulations are given to the model as context (their first K latent frames) and it
+continues them under their caption; the tracker (vdit/eval/tracker.py) follows every ball in the
+continuation and the metrics (vdit/eval/physics_metrics.py) compare it with the simulator. The
+same is done on the ground-truth clips (the tracker's floor, near zero) and on their autoencoder
+reconstructions (the ceiling a DiT on that latent can reach). Splits: in-distribution, and out of
+distribution (faster balls, larger balls, unseen colour-size combinations; `split_worlds`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from vdit.config import Config, ConfigError
+from vdit.data.physics import Clip, WorldConfig, make_caption, simulate
+from vdit.data.pipeline import clip_seed
+from vdit.eval.physics_metrics import clip_metrics
+from vdit.eval.tracker import track
+
+SOURCES = ("ground truth", "autoencoder", "model")
+METRICS = ("velocity_error", "gravity_error", "radius_drift", "permanence_failure",
+           "count_error", "reemergence_error", "energy_error")
+# Held-out physics clips: "eval" seeds far past the eval-loss clips (never training seeds).
+_FIRST_INDEX = 1_000_000
+
+
+def split_worlds(world: WorldConfig) -> dict[str, WorldConfig | str]:
+    """The evaluation worlds, each a training world with other ranges (or a reason it is
+    skipped): speeds above the training range (up to 1.5x its top), radii above it (up to 1.5x,
+    capped so a ball fits the frame), and each colour-coupled colour given another's radius
+    range (worlds with `colour_radius`; without it every combination was seen in training)."""
+    hi = world.speed_range[1]
+    r_hi = world.radius_range[1]
+    r_cap = min(world.height, world.width) / (2 * world.height)
+    out: dict[str, WorldConfig | str] = {
+        "in_distribution": world,
+        "ood_speed": dataclasses.replace(world, speed_range=(hi, 1.5 * hi if hi else 0.5)),
+    }
+    out["ood_radius"] = (dataclasses.replace(world, radius_range=(r_hi, min(1.5 * r_hi, r_cap)))
+                         if r_hi < r_cap else "training radii already reach the frame's limit")
+    pairs = world.colour_radius
+    ranges = {(a, b) for _, a, b in pairs}
+    if len(ranges) < 2:
+        out["ood_combo"] = ("every colour-size combination was seen in training (the world "
+                            "couples no colour to a size: data.world.colour_radius)")
+    else:
+        swapped = tuple((c, *pairs[(i + 1) % len(pairs)][1:]) for i, (c, _, _) in
+                        enumerate(pairs))
+        out["ood_combo"] = dataclasses.replace(
+            world, colours=tuple(c for c, _, _ in pairs), colour_radius=swapped)
+    return out
+
+
+def held_out(world: WorldConfig, train_world: WorldConfig, data_seed: int, split: int,
+             count: int) -> list[Clip]:
+    """`count` clips of one split's world, captioned in the training world's words."""
+    clips = []
+    for i in range(count):
+        clip = simulate(world, clip_seed(data_seed, "eval", _FIRST_INDEX + 10_000 * split + i))
+        clip.caption = make_caption(clip.colours, clip.radii, clip.positions, clip.velocities,
+                                    clip.visible, world.height, world.fps, world.gravity,
+                                    train_world.radius_range)
+        clips.append(clip)
+    return clips
+
+
+def default_context_frames(cfg: Config) -> int:
+    """About a third of the latent frames, at least one, leaving at least one to generate."""
+    latent_t = cfg.latent_shape()[0]
+    k = cfg.diffusion.context_frames or max(1, math.ceil(latent_t / 3))
+    return min(k, latent_t - 1)
+
+
+def _summarise(per_clip: list[dict]) -> dict:
+    """Split-level numbers from per-clip metrics (gravity: the median, a few-point fit can be
+    wild; events pooled over clips)."""
+    def mean(key):
+        vals = [m[key] for m in per_clip if np.isfinite(m[key])]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    gravity = [m["gravity_error"] for m in per_clip if np.isfinite(m["gravity_error"])]
+    reemerge = [e for m in per_clip for e in m["reemergence_errors"]]
+    energy = [e for m in per_clip for e in m["energy_errors"]]
+    return {
+        "found": mean("found"),
+        "velocity_error": mean("velocity_error"),
+        "gravity_error": float(np.median(gravity)) if gravity else float("nan"),
+        "gravity_fits": len(gravity),
+        "radius_drift": mean("radius_drift"),
+        "permanence_failure": float(np.mean([m["failure"] for m in per_clip])),
+        "count_error": mean("count_error"),
+        "vanished": int(sum(m["vanished"] for m in per_clip)),
+        "appeared": int(sum(m["appeared"] > 0 for m in per_clip)),
+        "reemergence_error": float(np.mean(reemerge)) if reemerge else float("nan"),
+        "reemergence_events": len(reemerge) + sum(m["reemergence_missed"] for m in per_clip),
+        "reemergence_missed": int(sum(m["reemergence_missed"] for m in per_clip)),
+        "energy_error": float(np.mean(energy)) if energy else float("nan"),
+        "collisions": len(energy),
+        "clips": len(per_clip),
+    }
+
+
+def evaluate_run(run_dir: str | Path, *, clips: int = 8, context_frames: int | None = None,
+                 seed: int = 0, raw: bool = False, progress: bool = True) -> tuple[dict, dict]:
+    """(result, traces) for one DiT run: result is the JSON table; traces holds, per split,
+    the clips and the model's tracks for plotting."""
+    from vdit.sample.continuation import continue_videos, describe_method, video_frames_for
+    from vdit.train.run_dir import load_for_sampling
+
+    run_dir = Path(run_dir)
+    if clips < 1:
+        raise ConfigError(f"--clips: must be >= 1, got {clips}")
+    # An explicit step: reading a run must never move a checkpoint aside (Checkpointer.restore
+    # does that to an unreadable newest one when asked for "the latest").
+    steps = [int(p.name) for p in (run_dir / "checkpoints").glob("*") if p.name.isdigit()]
+    cfg, system, params, stats, step = load_for_sampling(run_dir, max(steps, default=None),
+                                                         raw=raw)
+    k = default_context_frames(cfg) if context_frames is None else context_frames
+    start = video_frames_for(cfg, k)
+    world = cfg.data.world
+    worlds = split_worlds(world)
+    active = [(name, w) for name, w in worlds.items() if isinstance(w, WorldConfig)]
+    data = {name: held_out(w, world, cfg.data.seed, i, clips)
+            for i, (name, w) in enumerate(active)}
+    recon_fn = jax.jit(lambda v, s: system.decode(system.encode(v, s), s))
+    videos: dict[str, dict[str, np.ndarray]] = {s: {} for s in SOURCES}
+    bar = tqdm(total=len(active) * (2 + 3 * clips), desc=f"eval-physics {run_dir.name}",
+               dynamic_ncols=True, disable=not progress)
+    for i, (name, _) in enumerate(active):
+        frames = np.stack([c.frames for c in data[name]])
+        videos["ground truth"][name] = frames
+        videos["autoencoder"][name] = np.asarray(recon_fn(frames, stats))
+        bar.update()
+        key = jax.random.fold_in(jax.random.key(seed), i)
+        videos["model"][name] = continue_videos(
+            system, params, stats, frames, [c.caption for c in data[name]], k=k, key=key,
+            cfg=cfg.sample)
+        bar.update()
+    rows, traces = [], {}
+    for source in SOURCES:
+        for name, w in active:
+            per_clip, tracks = [], []
+            for clip, video in zip(data[name], videos[source][name], strict=True):
+                t = track(video, clip.colours, w.background, clip.occluders, reference=start)
+                per_clip.append(clip_metrics(t, clip, start, w.height, w.fps, w.gravity))
+                tracks.append(t)
+                bar.update()
+            rows.append({"source": source, "split": name, **_summarise(per_clip)})
+            if source == "model":
+                traces[name] = (data[name], tracks)
+    bar.close()
+    result = {
+        "run": str(run_dir), "step": step, "params": "raw" if raw else "ema",
+        "context_frames": k, "context_video_frames": start, "frames": world.frames,
+        "method": describe_method(cfg, k), "sampler": dataclasses.asdict(cfg.sample),
+        "clips_per_split": clips, "seed": seed,
+        "splits": {n: (w if isinstance(w, str) else
+                       {"speed_range": list(w.speed_range), "radius_range": list(w.radius_range),
+                        "colour_radius": [list(p) for p in w.colour_radius]})
+                   for n, w in worlds.items()},
+        "rows": rows,
+    }
+    result["flops"], result["params"] = _training_cost(run_dir, cfg, step)
+    return result, traces
+
+
+def format_table(result: dict) -> str:
+    """The rows as a fixed-width text table."""
+    cols = [("found", "found", "{:.2f}"), ("velocity_error", "vel h/s", "{:.3f}"),
+            ("gravity_error", "grav rel", "{:.2f}"), ("radius_drift", "r drift", "{:.3f}"),
+            ("permanence_failure", "perm fail", "{:.2f}"), ("count_error", "count", "{:.2f}"),
+            ("reemergence_error", "reemerge h", "{:.3f}"), ("energy_error", "energy", "{:.3f}")]
+    head = f"{'source':<13}{'split':<17}" + "".join(f"{h:>11}" for _, h, _ in cols)
+    lines = [f"{result['run']} @ step {result['step']}: {result['clips_per_split']} clips per "
+             f"split, {result['context_video_frames']} of {result['frames']} frames given",
+             result["method"], head]
+    for row in result["rows"]:
+        cells = "".join(f"{(fmt.format(row[k]) if np.isfinite(row[k]) else '-'):>11}"
+                        for k, _, fmt in cols)
+        lines.append(f"{row['source']:<13}{row['split']:<17}{cells}")
+    skipped = [f"{n}: skipped, {w}" for n, w in result["splits"].items() if isinstance(w, str)]
+    return "\n".join(lines + skipped)
+
+
+def _training_cost(run_dir: Path, cfg: Config, step: int) -> tuple[float, int]:
+    """(training FLOPs, parameters) of a run: its sweep ledger row, else the analytic count
+    x steps and the parameters counted from shapes."""
+    from vdit.scaling.flops import train_flops_per_step
+    from vdit.scaling.sweep import count_params, read_ledger
+
+    ledger = run_dir.parent / "ledger.jsonl"
+    if ledger.exists():
+        for row in read_ledger(ledger):
+            if Path(row["run_dir"]).name == run_dir.name:
+                return float(row["flops"]), int(row["params"])
+    return train_flops_per_step(cfg) * step, count_params(cfg)
+
+
+def split_mean(result: dict, source: str, ood: bool, key: str) -> float:
+    """A metric of one source, in-distribution or averaged over the out-of-distribution
+    splits (those with data)."""
+    vals = [r[key] for r in result["rows"] if r["source"] == source
+            and (r["split"] != "in_distribution") == ood and np.isfinite(r[key])]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def format_compute_table(results: list[dict]) -> str:
+    """Markdown: the model's errors per run against training FLOPs (in-distribution | mean of
+    the out-of-distribution splits), calibration rows first."""
+    keys = (("found", "{:.2f}"), ("velocity_error", "{:.2f}"), ("gravity_error", "{:.2f}"),
+            ("radius_drift", "{:.2f}"), ("permanence_failure", "{:.2f}"))
+
+    def cell(v: float, fmt: str) -> str:
+        return fmt.format(v) if np.isfinite(v) else "-"
+
+    lines = ["| run | params | train FLOPs | " + " | ".join(
+        f"{k.replace('_', ' ')} (ID / OOD)" for k, _ in keys) + " |",
+        "|---|---:|---:|" + "---:|" * len(keys)]
+    first = results[0]
+    for source in ("ground truth", "autoencoder"):
+        lines.append(f"| *{source}* | | | " + " | ".join(
+            f"{cell(split_mean(first, source, False, k), f)} / "
+            f"{cell(split_mean(first, source, True, k), f)}" for k, f in keys) + " |")
+    for r in sorted(results, key=lambda r: r["flops"]):
+        lines.append(f"| {Path(r['run']).name} | {r['params']:,} | {r['flops']:.2e} | "
+                     + " | ".join(f"{cell(split_mean(r, 'model', False, k), f)} / "
+                                  f"{cell(split_mean(r, 'model', True, k), f)}"
+                                  for k, f in keys) + " |")
+    return "\n".join(lines)
+
+
+def run_eval_physics(run_dirs: list[str], *, clips: int = 8, out: str | None = None,
+                     context_frames: int | None = None, seed: int = 0, raw: bool = False,
+                     progress: bool = True) -> dict:
+    """Evaluate one or more runs; writes physics.json and the plots under `out` (default
+    RUN_DIR/physics for one run; needed for several, which also get physics_vs_compute.*)."""
+    from vdit.eval.physics_plots import plot_errors_by_split, plot_trajectories, plot_vs_compute
+
+    if len(run_dirs) > 1 and not out:
+        raise ConfigError("--out: needed when evaluating several runs")
+    out_dir = Path(out) if out else Path(run_dirs[0]) / "physics"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for run in run_dirs:
+        result, traces = evaluate_run(run, clips=clips, context_frames=context_frames,
+                                      seed=seed, raw=raw, progress=progress)
+        tqdm.write(format_table(result))
+        results.append((result, traces))
+    # Plots of one run: the only one, or the one trained with the most compute.
+    best, traces = max(results, key=lambda rt: rt[0]["flops"])
+    plots = [plot_errors_by_split(best, out_dir / "error_by_split.png"),
+             plot_trajectories(best, traces, out_dir / "trajectories.png")]
+    summary = {"runs": [r for r, _ in results], "plots_of": best["run"]}
+    if len(results) > 1:
+        plots.append(plot_vs_compute(summary["runs"], out_dir / "physics_vs_compute.png"))
+        table = format_compute_table(summary["runs"])
+        (out_dir / "physics_vs_compute.md").write_text(table + "\n")
+        tqdm.write(table)
+    summary["plots"] = [p.name for p in plots]
+    (out_dir / "physics.json").write_text(json.dumps(summary, indent=1, allow_nan=True))
+    return summary
