@@ -217,7 +217,7 @@ def test_dispatch_runs_tpu_kernels_per_shard_under_a_mesh(v5p_mesh):
     dispatch splits batch and heads itself, so a GSPMD program compiles without gathers."""
     import flax.linen as nn
 
-    from vdit.parallel.rules import DEFAULT_RULES
+    from vdit.parallel.rules import RULE_TABLES
 
     auto = (jax.sharding.AxisType.Auto,) * 4
     mesh = jax.sharding.Mesh(v5p_mesh.devices.reshape(2, 2, 2, 1),
@@ -231,7 +231,7 @@ def test_dispatch_runs_tpu_kernels_per_shard_under_a_mesh(v5p_mesh):
         out = attention(q, k, v, kv_mask=kv_mask, impl="pallas_tpu", interpret=False)
         return out.astype(jnp.float32).sum()
 
-    with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(RULE_TABLES["default"]):
         text = _compile_uncached(jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(
             x, x, x, mask)).as_text()
     assert text.count("tpu_custom_call") == 3 and "all-gather" not in text
