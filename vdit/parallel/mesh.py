@@ -96,3 +96,8 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) dimension split over data x fsdp; the rest replicated."""
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """How many ways `batch_sharding` splits the batch (data x fsdp)."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]

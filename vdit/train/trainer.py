@@ -18,7 +18,7 @@ from vdit.config import Config, ConfigError
 from vdit.data.pipeline import fixed_batch
 from vdit.diffusion.text_to_video import TextToVideo
 from vdit.models.text import physics_tokenizer
-from vdit.parallel.mesh import batch_sharding, make_mesh
+from vdit.parallel.mesh import batch_sharding, batch_shards, make_mesh
 from vdit.parallel.rules import Rules, get_rules
 from vdit.train.state import System, TrainState, create_state, make_optimizer, state_shardings
 from vdit.train.step import eval_step, train_step
@@ -50,7 +50,7 @@ class Trainer:
             if k == "seed":
                 continue
             v = np.asarray(v)
-            shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+            shards = batch_shards(self.mesh)
             # A few eval clips need not divide the batch shards: then every device holds all.
             sharding = (self.batch_sharding if len(v) % shards == 0
                         else NamedSharding(self.mesh, PartitionSpec()))
@@ -76,7 +76,7 @@ def build_trainer(cfg: Config, system: System | None = None,
         from vdit.data.shard_pipeline import check_shards
 
         check_shards(cfg.data.shards, cfg.autoencoder)
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = batch_shards(mesh)
     per_slice = cfg.train.batch_size // cfg.train.microbatches
     if per_slice % shards:
         raise ConfigError(
