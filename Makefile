@@ -22,7 +22,7 @@ lint: setup
 	$(BIN)/ruff check vdit tests tools
 
 test: lint
-	$(BIN)/pytest -q -n 2 --dist loadfile --durations=15
+	env $$($(BIN)/python -m vdit.host_allocator) $(BIN)/pytest -q -n 2 --dist loadfile --durations=15
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache *.egg-info

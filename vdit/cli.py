@@ -340,6 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None:  # the command line, not a caller in this process
+        from vdit import host_allocator
+
+        host_allocator.ensure()
     from vdit.config import ConfigError
     from vdit.export.safetensors_io import ExportError
     from vdit.parallel.distributed import DistributedError
