@@ -31,6 +31,7 @@ def _peak_memory(compiled) -> tuple[float, str]:
 
 def bench(cfg: Config, *, steps: int = 10, warmup: int = 2) -> dict:
     """Median step time over `steps` timed steps after `warmup` untimed ones."""
+    device_peak()  # measured before and after the steps (a CPU's peak), the higher one kept
     trainer = build_trainer(cfg)
     host = fixed_batch(cfg.data, trainer.system.tokenizer, "train", cfg.train.batch_size)
     batch = trainer.device_batch(host)
@@ -51,7 +52,7 @@ def bench(cfg: Config, *, steps: int = 10, warmup: int = 2) -> dict:
     step_s = statistics.median(times)
     flops = train_flops_per_step(cfg)
     xla_flops = compiled_flops(compiled) * jax.device_count()
-    peak, peak_src = device_peak()
+    peak, peak_src = device_peak(remeasure=True)
     peak *= jax.device_count()
     memory, memory_src = _peak_memory(compiled)
     return {

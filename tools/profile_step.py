@@ -1,0 +1,109 @@
+"""Where a CPU train step's time goes: per-op times from a profiler trace, by category.
+
+    JAX_PLATFORMS=cpu python tools/profile_step.py experiments/bench_cpu.yaml model.depth=2
+
+Runs one traced step (after two untraced ones) with XLA:CPU's per-op trace events on, reads the
+Perfetto trace the JAX profiler writes, maps each op to the model code that made it (the HLO
+`op_name` metadata) and prints the slowest ops and the time per category: linear-layer matmuls,
+the attention core, element-wise work (by primitive). `JAX_PLATFORMS=cpu` keeps libtpu's
+profiler plugin out (it crashes the profiler on a machine without a TPU). Op times of ops
+that ran concurrently overlap, so they add up to more than the step's wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_cpu_enable_xprof_traceme=true").strip()
+
+import jax  # after XLA_FLAGS: the flags are read when jax starts
+
+from vdit.config import load_config
+from vdit.data.pipeline import fixed_batch
+from vdit.train.trainer import build_trainer
+
+_RUNTIME = ("Thunk", "$", "Pjit", "Slinky", "CommonPjRt", "ParseArguments", "end: ")
+
+
+def op_names(hlo: str) -> dict[str, str]:
+    """HLO instruction name -> its `op_name` metadata (the JAX code path that emitted it)."""
+    names = {}
+    for line in hlo.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*op_name=\"([^\"]*)\"", line)
+        if m:
+            names.setdefault(m.group(1), m.group(2))
+    return names
+
+
+def category(op_name: str) -> str:
+    if "self_attn" in op_name:
+        inner = op_name.split("self_attn", 1)[1]
+        if not re.search(r"/(qkv|out)/|norm|rope", inner):
+            return "attention core (self)"
+    if op_name.endswith("dot_general"):
+        return "matmuls (linear layers, cross-attention)"
+    return "element-wise: " + op_name.rsplit("/", 1)[-1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--top", type=int, default=15, help="slowest ops to list")
+    args = parser.parse_args()
+    cfg = load_config(args.config, args.overrides)
+    trainer = build_trainer(cfg)
+    batch = trainer.device_batch(
+        fixed_batch(cfg.data, trainer.system.tokenizer, "train", cfg.train.batch_size))
+    trace_dir = Path(tempfile.mkdtemp(prefix="vdit-profile-"))
+    with trainer.context():
+        state = trainer.state
+        compiled = trainer.step_fn.lower(state, batch).compile()
+        for _ in range(2):  # warm: the allocator settles after two steps
+            state, metrics = compiled(state, batch)
+        jax.block_until_ready((state, metrics))
+        jax.profiler.start_trace(str(trace_dir), create_perfetto_trace=True)
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready((state, metrics))
+        wall = time.perf_counter() - t0
+        jax.profiler.stop_trace()
+    traces = sorted(trace_dir.glob("**/*.trace.json.gz"))
+    if not traces:
+        print(f"error: the profiler wrote no Perfetto trace under {trace_dir}", file=sys.stderr)
+        return 1
+    with gzip.open(traces[-1]) as f:
+        events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    per_op: collections.Counter[str] = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and not e["name"].startswith(_RUNTIME):
+            per_op[e["name"]] += e["dur"] / 1e6
+    names = op_names(compiled.as_text())
+    by_category: collections.Counter[str] = collections.Counter()
+    for op, seconds in per_op.items():
+        by_category[category(names.get(op, op))] += seconds
+    total = sum(per_op.values())
+    print(f"traced step {wall:.2f} s wall, {total:.2f} s of op time ({trace_dir})")
+    print(f"\nslowest {args.top} ops:")
+    for op, seconds in per_op.most_common(args.top):
+        print(f"  {1e3 * seconds:8.1f} ms  {op:24s} {names.get(op, '?')[-90:]}")
+    print("\nby category:")
+    for name, seconds in by_category.most_common():
+        if seconds >= 0.001 * total:
+            print(f"  {1e3 * seconds:8.1f} ms  {100 * seconds / total:5.1f} %  {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
