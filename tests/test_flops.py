@@ -64,3 +64,27 @@ def test_analytic_train_flops_match_xla_train_step(tmp_path, name):
     xla = compiled_flops(compiled)
     analytic = train_flops_per_step(cfg)
     assert analytic == pytest.approx(xla, rel=0.05), f"analytic / XLA = {analytic / xla:.3f}"
+
+
+def test_packed_flops_count_real_tokens_and_per_clip_attention():
+    """Packed rows: padding costs nothing, self-attention is per clip (sum of n_i^2, not the
+    row's budget^2), and one full clip per row matches the bucketed count once adaLN and the
+    timestep MLP are counted per token (packed rows condition each token)."""
+    import numpy as np
+
+    from vdit.scaling.flops import forward_breakdown, packed_train_flops
+
+    cfg = from_dict(tiny_dict())
+    n, d, depth = cfg.num_tokens(), cfg.model.width, cfg.model.depth
+    per_sample = forward_breakdown(cfg).per_sample
+    one_clip, tokens = packed_train_flops(cfg, np.ones((1, n), np.int32))
+    assert tokens == n
+    assert one_clip == pytest.approx(train_flops_per_step(cfg, 1) + 3 * per_sample * (n - 1))
+    padded, tokens = packed_train_flops(cfg, np.pad(np.ones((1, n), np.int32), ((0, 0), (0, 7))))
+    assert (padded, tokens) == (one_clip, n)
+    halves = np.repeat(np.array([[1, 2]], np.int32), n // 2, axis=1)  # two clips of n / 2
+    two_clips, _ = packed_train_flops(cfg, halves)
+    per_clip = 3 * (forward_breakdown(cfg).text_encoder
+                    + depth * 2 * cfg.text.max_length * cfg.text.width * 2 * d)
+    attention_saved = 3 * 4 * d * depth * (n**2 - 2 * (n // 2) ** 2)
+    assert two_clips == pytest.approx(one_clip - attention_saved + per_clip)

@@ -345,8 +345,14 @@ def test_training_on_packed_shards(tmp_path):
     d["data"].update(batching="pack", pack_budget=40, pack_clips=4)
     d["train"].update(steps=2, eval_every=100, checkpoint_every=100)
     train(from_dict(d), log=lambda s: None)
-    losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 2 and np.isfinite(losses).all()
+    # Throughput counts real tokens, not the rows' padding: 2 clips of 16 in each 40-token row.
+    timed = [r for r in records if "tokens_per_s" in r]
+    rows = d["train"]["batch_size"]
+    assert timed and timed[0]["tokens_per_s"] * timed[0]["step_time_s"] == pytest.approx(
+        rows * 32)
 
 
 def test_multiprocess_prefetch_resumes_exactly(tmp_path):

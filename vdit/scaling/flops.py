@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from vdit.config import Config
 
 TIME_FREQ_DIM = 256  # sinusoidal timestep features, see models/dit.py
@@ -58,6 +60,33 @@ def train_flops_per_step(cfg: Config, batch_size: int | None = None) -> float:
     """FLOPs of one training step over the global batch (3 x forward)."""
     batch = cfg.train.batch_size if batch_size is None else batch_size
     return 3.0 * batch * forward_breakdown(cfg).forward
+
+
+def packed_train_flops(cfg: Config, segment_ids: np.ndarray) -> tuple[float, int]:
+    """(FLOPs, real tokens) of one training step on packed rows (vdit/data/packing.py).
+
+    segment_ids int [rows, budget], 0 = padding. Counts the work on real tokens only: the
+    per-token matmuls, plus adaLN and the timestep MLP per token (packed rows condition each
+    token), self-attention within each clip (4 n_i^2 d L, not budget^2), each token's
+    cross-attention to its clip's caption, and the caption K/V and text encoder once per clip.
+    Training = 3 x forward.
+    """
+    ids = np.asarray(segment_ids)
+    lengths = np.concatenate([np.bincount(row[row > 0]) for row in ids.reshape(-1, ids.shape[-1])
+                              if (row > 0).any()] or [np.zeros(0, np.int64)])
+    lengths = lengths[lengths > 0].astype(np.float64)
+    tokens, clips = float(lengths.sum()), len(lengths)
+    b = forward_breakdown(cfg)
+    d, depth = cfg.model.width, cfg.model.depth
+    s, e = cfg.text.max_length, cfg.text.width
+    forward = (
+        2.0 * per_token_params(cfg) * tokens
+        + b.per_sample * tokens
+        + 4.0 * d * depth * float((lengths**2).sum())
+        + depth * (4.0 * s * d * tokens + 2.0 * s * e * 2 * d * clips)
+        + b.text_encoder * clips
+    )
+    return 3.0 * forward, int(tokens)
 
 
 def tokens_per_step(cfg: Config) -> int:

@@ -18,7 +18,7 @@ from vdit.config import Config, to_dict
 from vdit.data.pipeline import fixed_batch, train_iterator
 from vdit.models.text import physics_tokenizer
 from vdit.parallel.distributed import align_processes, is_primary
-from vdit.scaling.flops import train_flops_per_step
+from vdit.scaling.flops import packed_train_flops, train_flops_per_step
 from vdit.train.checkpoint import Checkpointer
 from vdit.train.guards import NonFiniteGuard, PreemptionWatch, TrainingStopped
 from vdit.train.metrics import MetricsWriter, plot_losses, read_metrics
@@ -114,6 +114,16 @@ def train(cfg: Config, *, system: System | None = None, log=print) -> dict:
         t_, h_, w_, _ = cfg.latent_shape()  # the autoencoder counts latent positions
         tokens_per_step = tc.batch_size * (cfg.num_tokens() if system.kind == "dit"
                                            else t_ * h_ * w_)
+        packed = system.kind == "dit" and cfg.data.batching == "pack"
+
+        def step_work(host: dict) -> tuple[float, int]:
+            """(FLOPs, tokens) of the global step on `host`: packed rows count their real
+            tokens and clips (this host's rows times the process count)."""
+            if not packed:
+                return flops, tokens_per_step
+            f, n = packed_train_flops(cfg, host["segment_ids"])
+            return f * jax.process_count(), n * jax.process_count()
+
         if system.kind == "dit":
             log(f"model: {count_params(state.params) / 1e6:.2f} M params, "
                 f"{cfg.num_tokens()} tokens/clip, latent {cfg.latent_shape()}, "
@@ -121,7 +131,9 @@ def train(cfg: Config, *, system: System | None = None, log=print) -> dict:
         else:
             log(f"autoencoder: {count_params(state.params) / 1e6:.2f} M params, video "
                 f"{system.video_shape} -> latent {cfg.latent_shape()}")
-        log(f"train step: compiled in {compile_s:.1f} s, {flops / 1e9:.1f} GFLOP/step; peak "
+        per_step = ("GFLOP/step counted from each packed batch's real tokens" if packed
+                    else f"{flops / 1e9:.1f} GFLOP/step")
+        log(f"train step: compiled in {compile_s:.1f} s, {per_step}; peak "
             f"{peak / 1e9:.0f} GFLOP/s on {jax.device_count()} device(s) ({peak_src})")
 
         if start == 0:
@@ -136,6 +148,7 @@ def train(cfg: Config, *, system: System | None = None, log=print) -> dict:
         pbar = tqdm(total=tc.steps, initial=start, desc="train", dynamic_ncols=True,
                     mininterval=1.0, disable=not primary)
         pending, window_t, window_steps = None, time.perf_counter(), 0
+        window_flops = window_tokens = 0.0
         preempted = stop_reason = None
         for step in range(start, tc.steps):
             if step > start:
@@ -151,11 +164,13 @@ def train(cfg: Config, *, system: System | None = None, log=print) -> dict:
                 stop_reason = guard.observe(p_step, bool(p_metrics["skipped"]))
                 if p_step % tc.log_every == 0 or p_step == start + 1:
                     now = time.perf_counter()
-                    sec = (now - window_t) / max(window_steps, 1)
-                    window_t, window_steps = now, 0
+                    elapsed = max(now - window_t, 1e-9)
+                    sec = elapsed / max(window_steps, 1)
+                    flops_per_s = window_flops / elapsed
                     values = {k: float(v) for k, v in jax.device_get(p_metrics).items()}
-                    values.update(step_time_s=sec, tokens_per_s=tokens_per_step / sec,
-                                  flops_per_s=flops / sec, mfu=flops / sec / peak)
+                    values.update(step_time_s=sec, tokens_per_s=window_tokens / elapsed,
+                                  flops_per_s=flops_per_s, mfu=flops_per_s / peak)
+                    window_t, window_steps, window_flops, window_tokens = now, 0, 0.0, 0.0
                     writer.write(p_step, values)
                     pbar.set_postfix(loss=f"{values['loss']:.4f}", s_step=f"{sec:.2f}",
                                      tok_s=f"{values['tokens_per_s']:.0f}",
@@ -163,12 +178,16 @@ def train(cfg: Config, *, system: System | None = None, log=print) -> dict:
                                      mfu=f"{100 * values['mfu']:.1f}%")
             pending = (done, metrics)
             window_steps += 1
+            step_flops, step_tokens = step_work(host)
+            window_flops += step_flops
+            window_tokens += step_tokens
             pbar.update(1)
             if done % tc.eval_every == 0 or done == tc.steps:
                 ev = _evaluate(eval_fn, state, eval_batch, eval_key)
                 writer.write(done, ev)
                 pbar.write(f"step {done}: {_describe(system, ev)}")
-                window_t, window_steps = time.perf_counter(), 0  # keep eval out of step time
+                # keep eval out of step time
+                window_t, window_steps, window_flops, window_tokens = time.perf_counter(), 0, 0, 0
             if watch.requested(done):
                 preempted = done
             if (done % tc.checkpoint_every == 0 or done == tc.steps or preempted
