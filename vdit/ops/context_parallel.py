@@ -64,11 +64,12 @@ def _hop(x, axis: str, n: int):
 
 def _ring_loop(first: Callable, step: Callable, k, v, kv_ids, axis: str):
     """carry = first(k, v, kv_ids) on this device's key block, then carry = step(carry, k, v,
-    kv_ids) for each of the other n - 1 blocks as they come round the ring (one `lax.scan`).
-    Each iteration sends the block it holds on before using it, so the hop can overlap the
-    attention (n hops in all, the last one unused) and a device holds two blocks at a time;
-    a scan rather than an unrolled loop, so XLA cannot hoist every block's work, and with it
-    every block's temporaries, to the start."""
+    kv_ids) for each of the other n - 1 blocks as they come round the ring (a `lax.scan`
+    over the first n - 2, then the last block). Each scan iteration sends the block it holds
+    on before using it, so the hop can overlap the attention (n - 1 hops in all: the last block
+    goes nowhere) and a device holds two blocks at a time; a scan rather than an unrolled loop,
+    so XLA cannot hoist every block's work, and with it every block's temporaries, to the
+    start."""
     n = jax.lax.axis_size(axis)
 
     def body(state, _):
@@ -77,8 +78,8 @@ def _ring_loop(first: Callable, step: Callable, k, v, kv_ids, axis: str):
         return (step(carry, *blocks), ahead), None
 
     blocks = tuple(_hop(x, axis, n) for x in (k, v, kv_ids))
-    (carry, _), _ = jax.lax.scan(body, (first(k, v, kv_ids), blocks), length=n - 1)
-    return carry
+    (carry, blocks), _ = jax.lax.scan(body, (first(k, v, kv_ids), blocks), length=n - 2)
+    return step(carry, *blocks)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1))
