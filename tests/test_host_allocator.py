@@ -6,11 +6,11 @@ import pytest
 
 from vdit import host_allocator
 
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                reason="glibc malloc settings apply on Linux only")
+
 
 def test_wanted_on_cpu_only_and_opt_out():
-    on_linux_glibc = sys.platform.startswith("linux")
-    if not on_linux_glibc:
-        pytest.skip("glibc settings apply on Linux only")
     assert host_allocator.wanted({"JAX_PLATFORMS": "cpu"})
     assert not host_allocator.wanted({"JAX_PLATFORMS": "cuda"})
     assert not host_allocator.wanted({"JAX_PLATFORMS": "tpu,cpu"})

@@ -71,10 +71,10 @@ def packed_train_flops(cfg: Config, segment_ids: np.ndarray) -> tuple[float, int
     cross-attention to its clip's caption, and the caption K/V and text encoder once per clip.
     Training = 3 x forward.
     """
-    ids = np.asarray(segment_ids)
-    lengths = np.concatenate([np.bincount(row[row > 0]) for row in ids.reshape(-1, ids.shape[-1])
-                              if (row > 0).any()] or [np.zeros(0, np.int64)])
-    lengths = lengths[lengths > 0].astype(np.float64)
+    ids = np.asarray(segment_ids).reshape(-1, np.shape(segment_ids)[-1])
+    rows, cols = np.nonzero(ids > 0)
+    _, lengths = np.unique(np.stack([rows, ids[rows, cols]]), axis=1, return_counts=True)
+    lengths = lengths.astype(np.float64)  # tokens of each (row, clip)
     tokens, clips = float(lengths.sum()), len(lengths)
     b = forward_breakdown(cfg)
     d, depth = cfg.model.width, cfg.model.depth
