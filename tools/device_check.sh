@@ -1,61 +1,99 @@
 #!/usr/bin/env bash
-# The GPU checks of the attention kernels in one call (issue 6), for a lent GPU machine with
-# jax (0.11, CUDA) preinstalled and no internet. Run from the repository root:
+# Every GPU check in one call, for a lent GPU machine with jax (0.11, CUDA) preinstalled and no
+# registry (issues 6 and 12). Run from the repository root:
 #
-#     bash tools/device_check.sh            # about 5 minutes on an H100; budget 8
+#     bash tools/device_check.sh            # about 8 minutes on an H100; stages are time-gated
 #
-# 1. the `gpu`-marked tests (compiled Triton kernels against a float64 reference, and auto /
-#    cuDNN / Pallas against XLA), 2. tools/bench_attention.py at 4k, 16k and 64k tokens
-#    (xla, cudnn, pallas_gpu), 3. a short sweep of Pallas tiles at 16k. Prints tables; the JSON
-#    rows land in $OUT (or .cache/device_check) for docs/performance.md.
+# 1. `vdit bench experiments/bench_gpu.yaml` (the ~1.1 B DiT at 16k tokens, bf16): MFU, with
+#    and without remat,
+# 2. the `gpu`-marked tests (Triton kernels against float64, auto / cuDNN / Pallas against XLA),
+# 3. tools/bench_attention.py at 4k, 16k and 64k tokens (xla, cudnn, pallas_gpu),
+# 4. a profile of the default step (per-op GPU time by category; the trace comes back),
+# 5. bench variants (no remat; Pallas attention), each while time is left.
+# JSON rows and logs land in $OUT (or .cache/device_check) for docs/performance.md.
 #
-# vdit is put on PYTHONPATH rather than pip-installed (no registry there). pytest may be
-# missing on the machine: prepare wheels here first and carry them,
-#     .venv/bin/pip download pytest -d .cache/wheels     # then run(..., carry=[".cache/wheels"])
+# vdit goes on PYTHONPATH (no registry there). The machine lacks grain and its dependencies;
+# prepare their cp312 wheels here once and carry `.whl` (see /work/.library/device/README.md):
+#     pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
+#         grain==0.2.18 array_record==0.8.6 dm-tree==0.1.10 portpicker importlib_resources
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}
 OUTDIR=${OUT:-.cache/device_check}
+BUDGET=${BUDGET:-480}  # seconds; a stage starts only if its own limit fits in what is left
 mkdir -p "$OUTDIR"
+LOG="$OUTDIR/stderr.log"  # every stage's stderr, headed by its name
 start=$SECONDS
 status=0
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH="/tmp/site"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+fits() {  # fits LIMIT: is there time for a stage of LIMIT seconds?
+    [ $((SECONDS - start + $1)) -le "$BUDGET" ] || { echo "(skipped: budget)"; return 1; }
+}
+
+vbench() {  # vbench NAME LIMIT [overrides...]: one `vdit bench` row, appended to bench.jsonl
+    local name=$1 limit=$2 row; shift 2
+    echo "-- bench $name $*"
+    fits "$limit" || return 0
+    echo "== bench $name $*" >>"$LOG"
+    row=$(timeout "$limit" $PY -c "from vdit.cli import main; raise SystemExit(main())" \
+        bench experiments/bench_gpu.yaml "$@" --json --steps 10 --warmup 2 2>>"$LOG")
+    local rc=$?
+    if [ $rc -eq 0 ]; then
+        row=$(echo "$row" | tail -1)
+        echo "{\"name\": \"$name\", \"overrides\": \"$*\", \"result\": $row}" >>"$OUTDIR/bench.jsonl"
+        echo "$row" | $PY -c "
+import json, sys
+r = json.loads(sys.stdin.read())
+print(f\"   step {r['step_s']*1e3:.0f} ms (min {r['step_s_min']*1e3:.0f}), \"
+      f\"{r['flops_per_s']/1e12:.0f} TFLOP/s, MFU {100*r['mfu']:.1f} % of \"
+      f\"{r['peak_flops_per_s']/1e12:.0f}, compile {r['compile_s']:.0f} s, \"
+      f\"mem {r['peak_memory_bytes']/2**30:.1f} GiB, {r['params']/1e9:.2f} B params\")"
+    else
+        status=1; echo "   failed (rc $rc):"; tail -25 "$LOG"
+    fi
+}
 
 echo "== machine"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader || true
 $PY -c "import jax; print('jax', jax.__version__, jax.default_backend(), jax.devices())" || exit 1
 if [ "$($PY -c 'import jax; print(jax.default_backend())' 2>/dev/null)" != gpu ]; then
-    echo "no GPU here: this script is for a lent GPU machine (CPU checks: pytest tests/test_flash_attention.py)"
-    exit 2
+    echo "no GPU here: this script is for a lent GPU machine"; exit 2
 fi
+
+echo "== train-step benchmark (experiments/bench_gpu.yaml)"
+vbench default 200
+vbench noremat 150 model.remat=none
 
 echo "== gpu tests"
-if ! $PY -c "import pytest" 2>/dev/null && [ -d .cache/wheels ]; then
-    $PY -m pip install --quiet --no-index --find-links .cache/wheels pytest
-fi
-if $PY -c "import pytest" 2>/dev/null; then
-    # --noconftest: the shared conftest imports the whole of vdit (yaml, grain, ...), which the
-    # GPU machine may lack; these tests need only jax, numpy and vdit.ops.
-    timeout 240 $PY -m pytest -q --noconftest -p no:cacheprovider -m gpu \
-        tests/test_flash_attention.py -rA 2>&1 | tail -15 || status=1
-else
-    echo "pytest missing and no .cache/wheels: gpu tests NOT run"; status=1
+if fits 120; then
+    # --noconftest: these tests need only jax, numpy and vdit.ops.
+    timeout 120 $PY -m pytest -q --noconftest -p no:cacheprovider -m gpu \
+        tests/test_flash_attention.py -rA 2>&1 | tail -12 || status=1
 fi
 
-echo "== benchmark (B=1, H=16, D=128, bf16)"
-# Rows print as JSON while they finish (kept if the timeout cuts the run), then the table.
-timeout 300 $PY tools/bench_attention.py --iters 5 --warmup 2 \
-    --json "$OUTDIR/bench_attention.json" 2>"$OUTDIR/bench_stderr.log" || status=1
+echo "== profile of the default step (trace in \$OUT/step_trace.json.gz)"
+if fits 150; then
+    timeout 150 $PY tools/profile_step.py experiments/bench_gpu.yaml --top 12 \
+        --save "$OUTDIR/step_trace.json.gz" 2>>"$LOG" || status=1
+fi
 
-echo "== pallas_gpu tiles at 16k (fwd q k | dkv q k | dq q k)"
-for blocks in "128 64 32 128 128 32" "128 128 64 128 128 64" "64 64 64 64 64 64" \
-              "128 64 64 64 64 64"; do
-    [ $((SECONDS - start)) -gt 420 ] && { echo "(time budget: sweep cut short)"; break; }
-    echo "-- blocks $blocks"
-    timeout 90 $PY tools/bench_attention.py --impls pallas_gpu --lengths 16384 --iters 5 \
-        --warmup 2 --in-process --blocks $blocks 2>>"$OUTDIR/bench_stderr.log" \
-        | grep -E '^\| pallas|error' || status=1
-done
+echo "== attention benchmark (B=1, H=16, D=128, bf16)"
+if fits 150; then
+    timeout 150 $PY tools/bench_attention.py --iters 5 --warmup 2 \
+        --json "$OUTDIR/bench_attention.json" 2>>"$LOG" || status=1
+fi
+
+echo "== train-step variant: Pallas attention"
+vbench pallas 120 model.attention=pallas_gpu
 
 echo "== done in $((SECONDS - start)) s, status $status"
 exit $status

@@ -1,13 +1,15 @@
-"""Where a CPU train step's time goes: per-op times from a profiler trace, by category.
+"""Where a train step's time goes: per-op times from a profiler trace, by category.
 
     JAX_PLATFORMS=cpu python tools/profile_step.py experiments/bench_cpu.yaml model.depth=2
+    python tools/profile_step.py experiments/bench_gpu.yaml --save trace.json.gz    # a GPU
 
 Runs one traced step (after two untraced ones) with XLA:CPU's per-op trace events on, reads the
 Perfetto trace the JAX profiler writes, maps each op to the model code that made it (the HLO
 `op_name` metadata) and prints the slowest ops and the time per category: linear-layer matmuls,
 the attention core, element-wise work (by primitive). `JAX_PLATFORMS=cpu` keeps libtpu's
 profiler plugin out (it crashes the profiler on a machine without a TPU). Op times of ops
-that ran concurrently overlap, so they add up to more than the step's wall time.
+that ran concurrently overlap, so they add up to more than the step's wall time. On a GPU the
+device's own events (kernels on its streams, named by their HLO op) are counted, not the host's.
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ import gzip
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_cpu_enable_xprof_traceme=true").strip()
+if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):  # XLA:CPU emits no per-op events else
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_cpu_enable_xprof_traceme=true").strip()
 
 import jax  # after XLA_FLAGS: the flags are read when jax starts
 
@@ -55,11 +59,20 @@ def category(op_name: str) -> str:
     return "element-wise: " + op_name.rsplit("/", 1)[-1]
 
 
+def device_events(events: list[dict]) -> list[dict]:
+    """The events of the accelerator's processes (a GPU's streams) where the trace has any, else
+    all of them (XLA:CPU runs its ops on host threads)."""
+    devices = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+               and re.search(r"/device:(GPU|TPU)", str(e.get("args", {}).get("name", "")))}
+    return [e for e in events if e.get("pid") in devices] if devices else events
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--top", type=int, default=15, help="slowest ops to list")
+    parser.add_argument("--save", help="copy the Perfetto trace here (open in ui.perfetto.dev)")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
     trainer = build_trainer(cfg)
@@ -82,17 +95,21 @@ def main() -> int:
     if not traces:
         print(f"error: the profiler wrote no Perfetto trace under {trace_dir}", file=sys.stderr)
         return 1
+    if args.save:
+        shutil.copy(traces[-1], args.save)
     with gzip.open(traces[-1]) as f:
         events = json.load(f)
     events = events["traceEvents"] if isinstance(events, dict) else events
     per_op: collections.Counter[str] = collections.Counter()
-    for e in events:
+    for e in device_events(events):
         if e.get("ph") == "X" and not e["name"].startswith(_RUNTIME):
-            per_op[e["name"]] += e["dur"] / 1e6
+            # GPU kernels carry the HLO instruction that launched them in args.hlo_op
+            per_op[e.get("args", {}).get("hlo_op", e["name"])] += e["dur"] / 1e6
     names = op_names(compiled.as_text())
     by_category: collections.Counter[str] = collections.Counter()
     for op, seconds in per_op.items():
-        by_category[category(names.get(op, op))] += seconds
+        # an op without metadata (a copy XLA inserted) counts under its kind: copy.12 -> copy
+        by_category[category(names.get(op, re.sub(r"\.\d+$", "", op)))] += seconds
     total = sum(per_op.values())
     print(f"traced step {wall:.2f} s wall, {total:.2f} s of op time ({trace_dir})")
     print(f"\nslowest {args.top} ops:")
