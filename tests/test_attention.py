@@ -2,7 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdit.ops.attention import attention, resolve_impl
+from vdit.ops.attention import attention, is_fused_attention, resolve_impl
 
 
 def _reference(q, k, v, mask):
@@ -72,3 +72,31 @@ def test_xla_attention_gradients_match_autodiff_with_segments_masks_and_lse():
                              jax.grad(theirs, (0, 1, 2))(q, k, v), strict=True):
         np.testing.assert_allclose(g_ours, g_ref, rtol=1e-4, atol=1e-5)
     assert float(jnp.abs(jax.grad(ours)(q, k, v)).max()) > 0
+
+
+def _count_primitive(jaxpr, name: str) -> int:
+    """Equations named `name` in a jaxpr and every jaxpr nested in its equations' params."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        count += eqn.primitive.name == name
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple | list) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    count += _count_primitive(inner, name)
+    return count
+
+
+def test_remat_policy_keeps_the_fused_attention_forward():
+    """Under jax.checkpoint the dots policy alone reruns the flash forward kernel in the
+    backward pass; with is_fused_attention its outputs are saved, so one kernel fewer runs."""
+    q, k, v = (jax.random.normal(jax.random.key(i), (1, 64, 2, 64)) for i in range(3))
+    loss = lambda q, k, v: attention(q, k, v, impl="pallas_gpu", interpret=True).sum()
+    dots = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    kept = jax.checkpoint_policies.save_from_both_policies(dots, is_fused_attention)
+    counts = {}
+    for name, policy in (("dots", dots), ("kept", kept)):
+        grad = jax.grad(jax.checkpoint(loss, policy=policy), argnums=(0, 1, 2))
+        counts[name] = _count_primitive(jax.make_jaxpr(grad)(q, k, v).jaxpr, "pallas_call")
+        np.testing.assert_allclose(grad(q, k, v)[0], jax.grad(loss)(q, k, v), atol=1e-5)
+    assert counts["kept"] == counts["dots"] - 1 >= 2, counts  # forward (+ rerun), dkv, dq

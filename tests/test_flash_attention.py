@@ -303,3 +303,15 @@ def test_gpu_auto_matches_cudnn_and_xla():
     for impl in ("auto", "cudnn", "pallas"):
         assert rel_err(jax.jit(lambda q, k, v, i=impl: attention(q, k, v, impl=i))(q, k, v),
                        want) < 1e-2, impl
+
+
+@pytest.mark.gpu
+def test_gpu_cudnn_takes_a_key_mask_for_cross_attention():
+    """Text cross-attention: 2048 video queries over 32 text keys, the last 9 padded (cuDNN
+    wants the mask at full [B, 1, Lq, Lk])."""
+    q, k, v, _, _ = _inputs(7, 2, 2048, 32, 4, 128, jnp.bfloat16)
+    kv_mask = jnp.arange(32)[None, :] < jnp.array([[23], [32]])
+    want = attention(q, k, v, kv_mask=kv_mask, impl="xla")
+    for impl in ("auto", "cudnn"):
+        got = jax.jit(lambda q, k, v, i=impl: attention(q, k, v, kv_mask=kv_mask, impl=i))(q, k, v)
+        assert rel_err(got, want) < 1e-2, impl

@@ -35,14 +35,16 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-fits() {  # fits LIMIT: is there time for a stage of LIMIT seconds?
+SKIP=${SKIP:-}  # stages to leave out, e.g. SKIP="attention profile"
+fits() {  # fits LIMIT [STAGE]: is there time for a stage of LIMIT seconds, and is it wanted?
+    case " $SKIP " in *" ${2:-none} "*) echo "(skipped: SKIP)"; return 1;; esac
     [ $((SECONDS - start + $1)) -le "$BUDGET" ] || { echo "(skipped: budget)"; return 1; }
 }
 
 vbench() {  # vbench NAME LIMIT [overrides...]: one `vdit bench` row, appended to bench.jsonl
     local name=$1 limit=$2 row; shift 2
     echo "-- bench $name $*"
-    fits "$limit" || return 0
+    fits "$limit" "$name" || return 0
     echo "== bench $name $*" >>"$LOG"
     row=$(timeout "$limit" $PY -c "from vdit.cli import main; raise SystemExit(main())" \
         bench experiments/bench_gpu.yaml "$@" --json --steps 10 --warmup 2 2>>"$LOG")
@@ -74,26 +76,27 @@ vbench default 200
 vbench noremat 150 model.remat=none
 
 echo "== gpu tests"
-if fits 120; then
+if fits 120 tests; then
     # --noconftest: these tests need only jax, numpy and vdit.ops.
-    timeout 120 $PY -m pytest -q --noconftest -p no:cacheprovider -m gpu \
-        tests/test_flash_attention.py -rA 2>&1 | tail -12 || status=1
+    timeout 120 $PY -m pytest -q --noconftest -p no:cacheprovider -m gpu --tb=short \
+        -W ignore::DeprecationWarning tests/test_flash_attention.py -rA 2>&1 | tail -40 || status=1
 fi
 
 echo "== profile of the default step (trace in \$OUT/step_trace.json.gz)"
-if fits 150; then
-    timeout 150 $PY tools/profile_step.py experiments/bench_gpu.yaml --top 12 \
+if fits 120 profile; then
+    timeout 120 $PY tools/profile_step.py experiments/bench_gpu.yaml --top 12 \
         --save "$OUTDIR/step_trace.json.gz" 2>>"$LOG" || status=1
 fi
 
 echo "== attention benchmark (B=1, H=16, D=128, bf16)"
-if fits 150; then
+if fits 150 attention; then
     timeout 150 $PY tools/bench_attention.py --iters 5 --warmup 2 \
         --json "$OUTDIR/bench_attention.json" 2>>"$LOG" || status=1
 fi
 
-echo "== train-step variant: Pallas attention"
+echo "== train-step variants: Pallas attention; cuBLAS for every matmul (no Triton GEMMs)"
 vbench pallas 120 model.attention=pallas_gpu
+XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" vbench cublas 120
 
 echo "== done in $((SECONDS - start)) s, status $status"
 exit $status

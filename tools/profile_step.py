@@ -49,7 +49,28 @@ def op_names(hlo: str) -> dict[str, str]:
     return names
 
 
+def device_events(events: list[dict]) -> list[dict]:
+    """The events of the accelerator's processes (a GPU's streams) where the trace has any, else
+    all of them (XLA:CPU runs its ops on host threads)."""
+    devices = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+               and re.search(r"/device:(GPU|TPU)", str(e.get("args", {}).get("name", "")))}
+    return [e for e in events if e.get("pid") in devices] if devices else events
+
+
+def op_of(event: dict) -> str:
+    """The HLO instruction an event ran. A GPU kernel names its instruction in args.hlo_op,
+    unless it ran in a CUDA graph (hlo_op `command_buffer_N`): then the kernel's own name is its
+    fusion's name with `_` for `.` (loop_add_fusion_3 is loop_add_fusion.3), or a library
+    kernel's (cuBLAS `nvjet_*`, cuDNN `cudnn_*`)."""
+    hlo_op = event.get("args", {}).get("hlo_op", "")
+    return event["name"] if not hlo_op or hlo_op.startswith("command_buffer") else hlo_op
+
+
 def category(op_name: str) -> str:
+    if re.search(r"sdpa|fmha|flash|cudnn", op_name):
+        return "attention core (cuDNN)"
+    if re.match(r"(nvjet|sm\d+_xmma|cutlass|.*gemm)", op_name):
+        return "matmuls (linear layers, cross-attention)"
     if "self_attn" in op_name:
         inner = op_name.split("self_attn", 1)[1]
         if not re.search(r"/(qkv|out)/|norm|rope", inner):
@@ -57,14 +78,6 @@ def category(op_name: str) -> str:
     if op_name.endswith("dot_general"):
         return "matmuls (linear layers, cross-attention)"
     return "element-wise: " + op_name.rsplit("/", 1)[-1]
-
-
-def device_events(events: list[dict]) -> list[dict]:
-    """The events of the accelerator's processes (a GPU's streams) where the trace has any, else
-    all of them (XLA:CPU runs its ops on host threads)."""
-    devices = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
-               and re.search(r"/device:(GPU|TPU)", str(e.get("args", {}).get("name", "")))}
-    return [e for e in events if e.get("pid") in devices] if devices else events
 
 
 def main() -> int:
@@ -103,9 +116,9 @@ def main() -> int:
     per_op: collections.Counter[str] = collections.Counter()
     for e in device_events(events):
         if e.get("ph") == "X" and not e["name"].startswith(_RUNTIME):
-            # GPU kernels carry the HLO instruction that launched them in args.hlo_op
-            per_op[e.get("args", {}).get("hlo_op", e["name"])] += e["dur"] / 1e6
+            per_op[op_of(e)] += e["dur"] / 1e6
     names = op_names(compiled.as_text())
+    names.update({re.sub(r"[.\-]", "_", k): v for k, v in names.items()})  # GPU kernel names
     by_category: collections.Counter[str] = collections.Counter()
     for op, seconds in per_op.items():
         # an op without metadata (a copy XLA inserted) counts under its kind: copy.12 -> copy

@@ -17,10 +17,13 @@ from vdit.models.layers import Attention, Dtype, Linear, Mlp, norm
 from vdit.models.patch import grid_positions, patchify, token_grid, unpatchify
 from vdit.models.rope import rope_angles
 from vdit.models.text import TextEncoder
+from vdit.ops.attention import is_fused_attention
 
 _REMAT_POLICIES = {
     "full": None,  # recompute everything in the backward pass
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # matmul outputs and fused attention kernels' outputs are kept; element-wise work is redone
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, is_fused_attention),
 }
 
 

@@ -24,18 +24,24 @@ def train_step(state: TrainState, batch: dict, *, system: System,
     # A non-finite loss or gradient skips the update (params, optimizer and EMA unchanged): one
     # bad batch must not poison the run. The loop counts skips and stops after too many.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    # EMA with a warm-up, so early averages are not dominated by the random init.
-    step = state.step.astype(jnp.float32)
-    decay = jnp.minimum(cfg.ema_decay, (1.0 + step) / (10.0 + step))
-    ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, params)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+    def update(state: TrainState) -> tuple:
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        # EMA with a warm-up, so early averages are not dominated by the random init.
+        step = state.step.astype(jnp.float32)
+        decay = jnp.minimum(cfg.ema_decay, (1.0 + step) / (10.0 + step))
+        ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, params)
+        return params, ema, opt_state
+
+    # A branch, not a select over the updated and old trees: a select re-reads and re-writes
+    # params, EMA and both Adam moments (15 ms of a 527 ms step of bench_gpu on an H100).
+    params, ema, opt_state = jax.lax.cond(
+        finite, update, lambda s: (s.params, s.ema_params, s.opt_state), state)
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_schedule(cfg)(state.step),
                "skipped": 1 - finite.astype(jnp.int32), **aux}
-    new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
-                              ema_params=keep(ema, state.ema_params),
-                              opt_state=keep(opt_state, state.opt_state))
+    new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,
+                              opt_state=opt_state)
     return new_state, metrics
 
 

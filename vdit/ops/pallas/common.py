@@ -72,18 +72,28 @@ class BlockSizes:
         return math.lcm(self.block_k, self.block_k_dkv, self.block_k_dq)
 
 
+def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
+    # float32 operands get float32 products: Triton (and Mosaic) would otherwise round them to
+    # tf32 / bf16 passes, 1e-3 off a float32 reference; bf16 operands are unaffected.
+    exact = a.dtype == jnp.float32 and b.dtype == jnp.float32
+    return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
+                               precision=jax.lax.Precision.HIGHEST if exact else None,
+                               preferred_element_type=jnp.float32)
+
+
 def dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:
     """a [m, d] @ b[n, d]^T -> [m, n] in float32; a transposed operand instead of a transpose."""
-    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return _dot(a, b, (1, 1))
 
 
 def dot_tn(a: jax.Array, b: jax.Array) -> jax.Array:
     """a [m, n]^T @ b [m, d] -> [n, d] in float32 (dK and dV accumulate over query rows)."""
-    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return _dot(a, b, (0, 0))
 
 
 def dot_nn(a: jax.Array, b: jax.Array) -> jax.Array:
-    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    """a [m, n] @ b [n, d] -> [m, d] in float32."""
+    return _dot(a, b, (1, 0))
 
 
 def visible(q_seg: jax.Array | None, kv_seg: jax.Array | None, col0: jax.Array | int,
