@@ -1,13 +1,20 @@
 """Shared fixtures: a tiny config that compiles in seconds on a 2-core CPU."""
 
-from __future__ import annotations  # noqa: I001  (vdit must be imported before jax)
+from __future__ import annotations
 
 import os
 from pathlib import Path
 
 import pytest
 
-import vdit  # noqa: F401  (imported before jax: it quiets libtpu on machines without a TPU)
+# Tests compile far more than they run: XLA:CPU's cheapest LLVM code generation cuts compile
+# time by a third to a half (a sharded tiny DiT step: 31 s -> 18 s) for slower, same-valued code.
+# Set before JAX starts a backend; inherited by the processes tests start.
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""),
+                                    "--xla_backend_optimization_level=0",
+                                    "--xla_llvm_disable_expensive_passes=true"]).strip()
+
+import vdit  # noqa: F401, I001  (imported before jax: it quiets libtpu on machines without a TPU)
 import jax
 from vdit.config import Config, from_dict
 

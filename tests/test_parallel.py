@@ -33,7 +33,8 @@ TESTS = Path(__file__).resolve().parent
 
 def _env(devices: int, **extra: str) -> dict:
     return {**os.environ, "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **extra}
+            "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
+            + f" --xla_force_host_platform_device_count={devices}", **extra}
 
 
 def test_every_layout_gives_the_single_device_loss_on_8_devices():
