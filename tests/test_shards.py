@@ -415,7 +415,7 @@ def test_shards_of_another_autoencoder_are_refused(tmp_path):
     write_index(tmp_path, [], {"autoencoder": {"kind": "space_to_depth", "factors": [1, 4, 4],
                                                "latent_channels": 16}})
     check_shards(str(tmp_path), _config().autoencoder)
-    other = load_config(None, ["autoencoder.kind=space_to_depth",
-                               "autoencoder.factors=[2,4,4]"]).autoencoder
+    other = load_config(None, ["autoencoder.kind=space_to_depth", "autoencoder.factors=[2,4,4]",
+                               "data.world.frames=8"]).autoencoder
     with pytest.raises(ConfigError, match=r"autoencoder\.factors"):
         check_shards(str(tmp_path), other)

@@ -99,16 +99,35 @@ def check_params_match(init, params: dict, where: Path) -> None:
                           + "\n  ".join(lines))
 
 
+def resolve_autoencoder_path(path: str | Path) -> Path:
+    """`autoencoder.checkpoint` as a path: as given when it exists (absolute, or relative to
+    the working directory, like every other path in a config); else a relative path is looked
+    up in the vdit checkout (the folder holding `experiments/`), where the shipped
+    `checkpoints/` live, so the embedded default works from any directory. Neither: refused,
+    naming every place looked at."""
+    if not path:
+        raise ConfigError("autoencoder.checkpoint: a causal_vae autoencoder needs a trained "
+                          "checkpoint (train one with `vdit train-ae`); or set "
+                          "autoencoder.kind=space_to_depth")
+    given = Path(path).expanduser()
+    if given.exists():
+        return given
+    looked = [given.absolute()]
+    if not given.is_absolute():
+        in_checkout = config_lib.DEFAULT_CONFIG.parents[1] / given
+        if in_checkout.exists():
+            return in_checkout
+        looked.append(in_checkout)
+    raise ConfigError(f"autoencoder.checkpoint: {path} does not exist (looked for "
+                      + " and ".join(str(p) for p in looked) + ")")
+
+
 def load_autoencoder(path: str | Path) -> tuple[Config, dict, dict]:
     """(its config, EMA params, latent stats {"mean", "std"}) of a trained autoencoder, from
     an autoencoder run directory (latest checkpoint) or an exported directory (`vdit export`)."""
     from vdit.export.safetensors_io import is_export, read_export
 
-    if not path:
-        raise ConfigError("autoencoder.checkpoint: a causal_vae autoencoder needs a trained "
-                          "checkpoint (train one with `vdit train-ae`); or set "
-                          "autoencoder.kind=space_to_depth")
-    path = Path(path)
+    path = resolve_autoencoder_path(path)
     if is_export(path):
         tensors, info = read_export(path)
         if info.get("kind") != "autoencoder":
