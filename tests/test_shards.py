@@ -419,3 +419,23 @@ def test_shards_of_another_autoencoder_are_refused(tmp_path):
                                "data.world.frames=8"]).autoencoder
     with pytest.raises(ConfigError, match=r"autoencoder\.factors"):
         check_shards(str(tmp_path), other)
+
+
+def test_tokenize_cli_defaults_to_the_configs_clip_shape(tmp_path, capsys):
+    """`vdit tokenize OUT CONFIG --physics N` with no --buckets writes clips of the shape the
+    config trains on (data.world), so none of the config's own clips is skipped as too short."""
+    import yaml
+    from conftest import tiny_dict
+
+    from vdit.cli import main
+
+    d = tiny_dict(tmp_path / "run")
+    d["data"]["world"].update(frames=5, height=16, width=16)  # 5 frames: below any fixed default
+    d["autoencoder"] = {"kind": "space_to_depth", "factors": [1, 4, 4]}
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(d))
+    assert main(["tokenize", str(tmp_path / "shards"), str(config), "--physics", "3"]) == 0
+    index = json.loads((tmp_path / "shards" / "index.json").read_text())
+    assert index["buckets_requested"] == ["5x16x16"]
+    assert index["num_records"] == 3 and index["skipped"] == {}
+    assert "skipped 0 inputs" in capsys.readouterr().out

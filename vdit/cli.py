@@ -187,8 +187,9 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
     from vdit.data.tokenize import TokenizeOptions, tokenize
 
     cfg = _load(args.config, args.overrides)
+    world = cfg.data.world  # default bucket: the clip shape this config trains on
     try:
-        buckets = parse_buckets(args.buckets)
+        buckets = parse_buckets(args.buckets or f"{world.frames}x{world.height}x{world.width}")
     except ValueError as e:
         raise ConfigError(f"--buckets: {e}") from None
     if args.videos:
@@ -315,8 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--caption-key", default="caption", help="TFDS feature of the caption")
     p.add_argument("--source-fps", type=float, default=8.0,
                    help="frame rate of TFDS examples without an 'fps' feature")
-    p.add_argument("--buckets", default="16x32x32",
-                   help="FRAMESxHEIGHTxWIDTH,... in pixels (default 16x32x32)")
+    p.add_argument("--buckets", default=None,
+                   help="FRAMESxHEIGHTxWIDTH,... in pixels (default: the config's clip shape, "
+                   "data.world frames x height x width)")
     p.add_argument("--fps", type=float, default=None, help="resample to this frame rate")
     p.add_argument("--shard-size", type=int, default=256, help="inputs per shard")
     p.add_argument("--batch", type=int, default=8, help="clips per encoder call")
