@@ -32,6 +32,7 @@ if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):  # XLA:CPU emits no pe
 
 import jax  # after XLA_FLAGS: the flags are read when jax starts
 
+from vdit import host_allocator
 from vdit.config import load_config
 from vdit.data.pipeline import fixed_batch
 from vdit.train.trainer import build_trainer
@@ -81,6 +82,7 @@ def category(op_name: str) -> str:
 
 
 def main() -> int:
+    host_allocator.ensure()  # the same allocator `vdit bench` runs under (vdit/host_allocator.py)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*")

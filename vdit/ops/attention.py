@@ -131,12 +131,24 @@ def _heads_first(x):
     return jnp.swapaxes(x, 1, 2)
 
 
+def _cpu_unfused(*xs):
+    """xs unchanged; on CPU, XLA may not fuse across this point (an optimization barrier).
+
+    XLA:CPU hands a matmul and the element-wise work around it to YNNPACK as one fusion. For
+    attention's [Lq, Lk] operands that fusion is slower than the matmuls and the softmax run
+    apart, and it folds a transposed matmul output back into a contraction over the first axis
+    of P, which runs at half speed. Other backends fuse these well and get no barrier."""
+    out = jax.lax.platform_dependent(
+        *xs, cpu=lambda *a: jax.lax.optimization_barrier(a), default=lambda *a: a)
+    return out if len(xs) > 1 else out[0]
+
+
 def _xla_forward(q, k, v, mask):
     """q, k, v [B, H, L, D] -> (o [B, H, Lq, D] in v's dtype, lse [B, H, Lq] f32,
     p [B, H, Lq, Lk] in v's dtype)."""
     # The scale goes on q ([Lq, D]) rather than on the logits ([Lq, Lk]): one pass fewer.
     q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+    logits = _cpu_unfused(jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32))
     if mask is not None:
         logits = jnp.where(mask, logits, MASK_VALUE)
     peak = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
@@ -149,7 +161,7 @@ def _xla_forward(q, k, v, mask):
         # makes such a row return 0 instead of the mean of v.
         p = jnp.where(mask, p, 0.0)
         lse = jnp.where(jnp.any(mask, axis=-1), lse, MASK_VALUE)
-    p = p.astype(v.dtype)
+    p = _cpu_unfused(p.astype(v.dtype))
     return jnp.einsum("bhqk,bhkd->bhqd", p, v), lse, p
 
 
@@ -171,6 +183,16 @@ def _xla_attention_fwd(q, k, v, mask):
     return (o, lse), (q, k, v, o, p)
 
 
+def _transposed_contraction(a, b):
+    """sum_q a[b, h, q, k] b[b, h, q, d] -> [B, H, Lk, D] in float32.
+
+    Computed as (b^T a)^T: the matmul's output is [D, Lk], its operands contract over their
+    first axis in the same way, and on CPU the barrier keeps XLA from folding the transpose
+    back into the matmul (which then ran at half the speed; docs/performance.md)."""
+    t = jnp.einsum("bhqd,bhqk->bhdk", b, a, preferred_element_type=jnp.float32)
+    return jnp.swapaxes(_cpu_unfused(t), -1, -2)
+
+
 def _xla_attention_bwd(residuals, cotangents):
     q, k, v, o, p = residuals
     d_o, d_lse = cotangents
@@ -181,8 +203,8 @@ def _xla_attention_bwd(residuals, cotangents):
     d_p = jnp.einsum("bhqd,bhkd->bhqk", d_o, v, preferred_element_type=f32)
     d_logits = (p.astype(f32) * (d_p - (delta - d_lse)[..., None])).astype(q.dtype)
     d_q = jnp.einsum("bhqk,bhkd->bhqd", d_logits, k, preferred_element_type=f32) * scale
-    d_k = jnp.einsum("bhqk,bhqd->bhkd", d_logits, q, preferred_element_type=f32) * scale
-    d_v = jnp.einsum("bhqk,bhqd->bhkd", p, d_o, preferred_element_type=f32)
+    d_k = _transposed_contraction(d_logits, q) * scale
+    d_v = _transposed_contraction(p, d_o)
     return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None
 
 
