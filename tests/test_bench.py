@@ -22,3 +22,25 @@ def test_bench_prints_a_json_line_with_measured_figures(tmp_path, capsys):
     assert 0 < r["mfu"] < 1.5
     assert r["peak_source"] == "cpu f32 matmul, measured"
     assert not (tmp_path / "run").exists()  # a benchmark writes no run directory
+
+
+def test_ab_step_alternates_two_variants_and_reports_the_ratio(tmp_path):
+    """tools/ab_step.py: B is A plus its own overrides; both compile, their steps alternate, and
+    the per-round ratios give the reported median."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_dict(tmp_path / "run")))
+    tool = Path(__file__).parents[1] / "tools" / "ab_step.py"
+    out = subprocess.run([sys.executable, str(tool), str(path), "model.depth=1", "--b",
+                          "model.remat=full", "--rounds", "3", "--warmup", "1"],
+                         capture_output=True, text=True, check=True).stdout
+    rounds = re.findall(r"round \d: A ([\d.]+) ms, B ([\d.]+) ms, B/A ([\d.]+)", out)
+    assert len(rounds) == 3
+    ratios = sorted(float(r) for _, _, r in rounds)  # each printed to 3 decimals
+    median = float(re.search(r"B/A: median ([\d.]+)", out).group(1))
+    assert median == pytest.approx(ratios[1], abs=1.1e-3)
+    assert "B is model.remat=full" in out

@@ -23,7 +23,6 @@ import re
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):  # XLA:CPU emits no per-op events else
@@ -34,8 +33,7 @@ import jax  # after XLA_FLAGS: the flags are read when jax starts
 
 from vdit import host_allocator
 from vdit.config import load_config
-from vdit.data.pipeline import fixed_batch
-from vdit.train.trainer import build_trainer
+from vdit.train.bench import WarmStep
 
 _RUNTIME = ("Thunk", "$", "Pjit", "Slinky", "CommonPjRt", "ParseArguments", "end: ")
 
@@ -89,23 +87,12 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=15, help="slowest ops to list")
     parser.add_argument("--save", help="copy the Perfetto trace here (open in ui.perfetto.dev)")
     args = parser.parse_args()
-    cfg = load_config(args.config, args.overrides)
-    trainer = build_trainer(cfg)
-    batch = trainer.device_batch(
-        fixed_batch(cfg.data, trainer.system.tokenizer, "train", cfg.train.batch_size))
+    step = WarmStep(load_config(args.config, args.overrides))
     trace_dir = Path(tempfile.mkdtemp(prefix="vdit-profile-"))
-    with trainer.context():
-        state = trainer.state
-        compiled = trainer.step_fn.lower(state, batch).compile()
-        for _ in range(2):  # warm: the allocator settles after two steps
-            state, metrics = compiled(state, batch)
-        jax.block_until_ready((state, metrics))
-        jax.profiler.start_trace(str(trace_dir), create_perfetto_trace=True)
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready((state, metrics))
-        wall = time.perf_counter() - t0
-        jax.profiler.stop_trace()
+    jax.profiler.start_trace(str(trace_dir), create_perfetto_trace=True)
+    wall = step.run()
+    jax.profiler.stop_trace()
+    compiled = step.compiled
     traces = sorted(trace_dir.glob("**/*.trace.json.gz"))
     if not traces:
         print(f"error: the profiler wrote no Perfetto trace under {trace_dir}", file=sys.stderr)

@@ -29,26 +29,41 @@ def _peak_memory(compiled) -> tuple[float, str]:
     return float(total), "XLA estimate"
 
 
+class WarmStep:
+    """A compiled train step on a fixed batch, run `warmup` times: `run()` times one more step.
+
+    What `vdit bench`, tools/profile_step.py and tools/ab_step.py time. The batch is fixed, so
+    only the step is measured (no data loading); state advances with every run."""
+
+    def __init__(self, cfg: Config, warmup: int = 2):
+        self.cfg = cfg
+        self.trainer = build_trainer(cfg)
+        host = fixed_batch(cfg.data, self.trainer.system.tokenizer, "train",
+                           cfg.train.batch_size)
+        self.batch = self.trainer.device_batch(host)
+        with self.trainer.context():
+            t0 = time.perf_counter()
+            self.compiled = self.trainer.step_fn.lower(self.trainer.state, self.batch).compile()
+            self.compile_s = time.perf_counter() - t0
+        self.state, self.metrics = self.trainer.state, None
+        for _ in range(warmup):  # the allocator settles after two steps
+            self.run()
+
+    def run(self) -> float:
+        """One step; -> its wall time in seconds (dispatch to results ready)."""
+        with self.trainer.context():
+            t = time.perf_counter()
+            self.state, self.metrics = self.compiled(self.state, self.batch)
+            jax.block_until_ready((self.state, self.metrics))
+            return time.perf_counter() - t
+
+
 def bench(cfg: Config, *, steps: int = 10, warmup: int = 2) -> dict:
     """Median step time over `steps` timed steps after `warmup` untimed ones."""
     device_peak()  # measured before and after the steps (a CPU's peak), the higher one kept
-    trainer = build_trainer(cfg)
-    host = fixed_batch(cfg.data, trainer.system.tokenizer, "train", cfg.train.batch_size)
-    batch = trainer.device_batch(host)
-    with trainer.context():
-        state = trainer.state
-        t0 = time.perf_counter()
-        compiled = trainer.step_fn.lower(state, batch).compile()
-        compile_s = time.perf_counter() - t0
-        for _ in range(warmup):
-            state, metrics = compiled(state, batch)
-        jax.block_until_ready((state, metrics))
-        times = []
-        for _ in range(steps):
-            t = time.perf_counter()
-            state, metrics = compiled(state, batch)
-            jax.block_until_ready((state, metrics))
-            times.append(time.perf_counter() - t)
+    step = WarmStep(cfg, warmup)
+    times = [step.run() for _ in range(steps)]
+    compiled, state, metrics, compile_s = step.compiled, step.state, step.metrics, step.compile_s
     step_s = statistics.median(times)
     flops = train_flops_per_step(cfg)
     xla_flops = compiled_flops(compiled) * jax.device_count()

@@ -1,0 +1,55 @@
+"""Compare two variants of the train step on a noisy machine: their steps alternate in one
+process (A, B, A, B, ...), so drift in the machine's speed (turbo, neighbours on a VM) hits
+both alike, and the per-round ratio B/A is what is reported.
+
+    python tools/ab_step.py CONFIG [overrides ...] --b "model.remat=dots" [--rounds 10]
+
+A is CONFIG with its overrides; B is A with the `--b` overrides on top. Separate `vdit bench`
+runs of one configuration differ by up to 20 % on the 2-core development VM, while the
+alternating ratio of one change held within a few percent over ten rounds
+(docs/performance.md). Code changes: run it once per commit and compare the ratios, or give
+the change a config switch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+
+from vdit import host_allocator
+from vdit.config import load_config
+from vdit.train.bench import WarmStep
+
+
+def main() -> int:
+    host_allocator.ensure()  # the allocator `vdit bench` runs under (vdit/host_allocator.py)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*", help="overrides of both A and B")
+    parser.add_argument("--b", required=True, help='overrides of B only, e.g. "model.remat=dots"')
+    parser.add_argument("--rounds", type=int, default=10, help="timed steps of each variant")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each first")
+    args = parser.parse_args()
+    b_overrides = shlex.split(args.b)
+    steps = {"A": WarmStep(load_config(args.config, args.overrides), args.warmup),
+             "B": WarmStep(load_config(args.config, [*args.overrides, *b_overrides]),
+                           args.warmup)}
+    for name, step in steps.items():
+        print(f"{name}: compiled in {step.compile_s:.1f} s")
+    times: dict[str, list[float]] = {"A": [], "B": []}
+    for i in range(args.rounds):
+        for name, step in steps.items():
+            times[name].append(step.run())
+        print(f"round {i}: A {1e3 * times['A'][-1]:.1f} ms, B {1e3 * times['B'][-1]:.1f} ms, "
+              f"B/A {times['B'][-1] / times['A'][-1]:.3f}", flush=True)
+    ratios = sorted(b / a for a, b in zip(times["A"], times["B"], strict=True))
+    for name, ts in times.items():
+        print(f"{name}: median {1e3 * statistics.median(ts):.1f} ms, min {1e3 * min(ts):.1f} ms")
+    print(f"B/A: median {statistics.median(ratios):.3f} (range {ratios[0]:.3f}-{ratios[-1]:.3f}, "
+          f"{args.rounds} rounds; B is {' '.join(b_overrides)})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
