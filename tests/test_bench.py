@@ -25,8 +25,8 @@ def test_bench_prints_a_json_line_with_measured_figures(tmp_path, capsys):
 
 
 def test_ab_step_alternates_two_variants_and_reports_the_ratio(tmp_path):
-    """tools/ab_step.py: B is A plus its own overrides; both compile, their steps alternate, and
-    the per-round ratios give the reported median."""
+    """tools/ab_step.py: B is A plus its own overrides and XLA options; both compile, their
+    steps alternate, and the per-round ratios give the reported median."""
     import re
     import subprocess
     import sys
@@ -36,11 +36,12 @@ def test_ab_step_alternates_two_variants_and_reports_the_ratio(tmp_path):
     path.write_text(yaml.safe_dump(tiny_dict(tmp_path / "run")))
     tool = Path(__file__).parents[1] / "tools" / "ab_step.py"
     out = subprocess.run([sys.executable, str(tool), str(path), "model.depth=1", "--b",
-                          "model.remat=full", "--rounds", "3", "--warmup", "1"],
+                          "model.remat=full", "--b-xla", "xla_cpu_prefer_vector_width=256",
+                          "--rounds", "3", "--warmup", "1"],
                          capture_output=True, text=True, check=True).stdout
     rounds = re.findall(r"round \d: A ([\d.]+) ms, B ([\d.]+) ms, B/A ([\d.]+)", out)
     assert len(rounds) == 3
     ratios = sorted(float(r) for _, _, r in rounds)  # each printed to 3 decimals
     median = float(re.search(r"B/A: median ([\d.]+)", out).group(1))
     assert median == pytest.approx(ratios[1], abs=1.1e-3)
-    assert "B is model.remat=full" in out
+    assert "B is model.remat=full xla_cpu_prefer_vector_width=256" in out

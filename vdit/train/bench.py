@@ -31,11 +31,12 @@ def _peak_memory(compiled) -> tuple[float, str]:
 
 class WarmStep:
     """A compiled train step on a fixed batch, run `warmup` times: `run()` times one more step.
+    `compiler_options`: XLA debug options (XLA_FLAGS names without the dashes) for this compile.
 
     What `vdit bench`, tools/profile_step.py and tools/ab_step.py time. The batch is fixed, so
     only the step is measured (no data loading); state advances with every run."""
 
-    def __init__(self, cfg: Config, warmup: int = 2):
+    def __init__(self, cfg: Config, warmup: int = 2, compiler_options: dict | None = None):
         self.cfg = cfg
         self.trainer = build_trainer(cfg)
         host = fixed_batch(cfg.data, self.trainer.system.tokenizer, "train",
@@ -43,7 +44,9 @@ class WarmStep:
         self.batch = self.trainer.device_batch(host)
         with self.trainer.context():
             t0 = time.perf_counter()
-            self.compiled = self.trainer.step_fn.lower(self.trainer.state, self.batch).compile()
+            lowered = self.trainer.step_fn.lower(self.trainer.state, self.batch)
+            # XLA options for this compile only, e.g. {"xla_cpu_use_onednn": True}
+            self.compiled = lowered.compile(compiler_options=compiler_options)
             self.compile_s = time.perf_counter() - t0
         self.state, self.metrics = self.trainer.state, None
         for _ in range(warmup):  # the allocator settles after two steps
