@@ -8,7 +8,9 @@
 # 2. the `gpu`-marked tests (Triton kernels against float64, auto / cuDNN / Pallas against XLA),
 # 3. tools/bench_attention.py at 4k, 16k and 64k tokens (xla, cudnn, pallas_gpu),
 # 4. a profile of the default step (per-op GPU time by category; the trace comes back),
-# 5. bench variants (Pallas attention; cuBLAS for every matmul), each while time is left.
+# 5. bench variants (Pallas attention; cuBLAS for every matmul), each while time is left,
+# 6. XLA GPU options as A/B ratios against the defaults (tools/ab_step.py: the two steps
+#    alternate in one process, so the ratio is sharper than two bench runs).
 # (`model.remat=none` is left out: it needs 92.7 GiB, docs/performance.md.)
 # JSON rows and logs land in $OUT (or .cache/device_check) for docs/performance.md.
 #
@@ -92,6 +94,18 @@ fi
 echo "== train-step variants: Pallas attention; cuBLAS for every matmul (no Triton GEMMs)"
 vbench pallas 120 model.attention=pallas_gpu
 XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" vbench cublas 120
+
+echo "== XLA options as B/A step ratios (tools/ab_step.py, 8 rounds each)"
+# Candidates for the element-wise time and the median-vs-fastest gap (docs/performance.md):
+# cuBLASLt epilogues, a wider GEMM autotuning search, no CUDA graphs (command buffers).
+for opt in "xla_gpu_enable_cublaslt=true" "xla_gpu_exhaustive_tiling_search=true" \
+           "xla_gpu_enable_command_buffer="; do
+    echo "-- ab $opt"
+    fits 150 ab || continue
+    echo "== ab $opt" >>"$LOG"
+    timeout 150 $PY tools/ab_step.py experiments/bench_gpu.yaml --b-xla "$opt" --rounds 8 \
+        2>>"$LOG" | tail -3 | tee -a "$OUTDIR/ab.txt" || echo "   failed: see stderr.log"
+done
 
 echo "== done in $((SECONDS - start)) s, status $status"
 exit $status
