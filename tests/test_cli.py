@@ -7,10 +7,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 from conftest import tiny_dict
 
 from vdit.cli import main
+from vdit.config import from_dict
 from vdit.data.video_io import read_video
 from vdit.train.metrics import read_metrics
 
@@ -40,6 +42,14 @@ def test_train_resume_and_sample_end_to_end(tmp_path, capsys):
     assert [r["step"] for r in records if "eval_loss" in r] == [0, 2, 4]
     assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
     assert {"mfu", "tokens_per_s", "flops_per_s"} <= set(records[1])
+    # Every timed step has real throughput, step 2 (evaluated right after it ran) too, and
+    # tokens/s x s/step is the batch's tokens. The last step's record has no timing.
+    timed = [r for r in records if "tokens_per_s" in r]
+    assert [r["step"] for r in timed] == [1, 2, 3]
+    assert all(r["mfu"] > 0 and r["flops_per_s"] > 0 for r in timed)
+    cfg = from_dict(yaml.safe_load(config.read_text()))
+    tokens = cfg.train.batch_size * cfg.num_tokens()
+    assert [r["tokens_per_s"] * r["step_time_s"] for r in timed] == pytest.approx([tokens] * 3)
     assert (run / "loss.png").stat().st_size > 1000
     assert list((run / "tb").iterdir())
     mp4s = sorted((run / "samples").glob("*.mp4"))

@@ -183,11 +183,14 @@ def train(cfg: Config, *, system: System | None = None, log=print) -> dict:
             window_tokens += step_tokens
             pbar.update(1)
             if done % tc.eval_every == 0 or done == tc.steps:
+                jax.block_until_ready(state)  # this step's time stays in the window
+                eval_start = time.perf_counter()
                 ev = _evaluate(eval_fn, state, eval_batch, eval_key)
                 writer.write(done, ev)
                 pbar.write(f"step {done}: {_describe(system, ev)}")
-                # keep eval out of step time
-                window_t, window_steps, window_flops, window_tokens = time.perf_counter(), 0, 0, 0
+                # Keep eval out of step time by moving the window's start past it; emptying
+                # the window instead made the next logged step report 0 tokens/s and MFU.
+                window_t += time.perf_counter() - eval_start
             if watch.requested(done):
                 preempted = done
             if (done % tc.checkpoint_every == 0 or done == tc.steps or preempted
