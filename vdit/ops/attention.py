@@ -183,13 +183,13 @@ def _xla_attention_fwd(q, k, v, mask):
     return (o, lse), (q, k, v, o, p)
 
 
-def _transposed_contraction(a, b):
-    """sum_q a[b, h, q, k] b[b, h, q, d] -> [B, H, Lk, D] in float32.
+def _transposed_contraction(p, x):
+    """p [B, H, Lq, Lk], x [B, H, Lq, D] -> sum over q of p x: [B, H, Lk, D] in float32.
 
-    Computed as (b^T a)^T: the matmul's output is [D, Lk], its operands contract over their
+    Computed as (x^T p)^T: the matmul's output is [D, Lk], its operands contract over their
     first axis in the same way, and on CPU the barrier keeps XLA from folding the transpose
     back into the matmul (which then ran at half the speed; docs/performance.md)."""
-    t = jnp.einsum("bhqd,bhqk->bhdk", b, a, preferred_element_type=jnp.float32)
+    t = jnp.einsum("bhqd,bhqk->bhdk", x, p, preferred_element_type=jnp.float32)
     return jnp.swapaxes(_cpu_unfused(t), -1, -2)
 
 
