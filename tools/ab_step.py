@@ -7,11 +7,11 @@ both alike, and the per-round ratio B/A is what is reported.
 
 A is CONFIG with its overrides; B is A with the `--b` overrides on top, compiled with the
 `--b-xla` options (XLA_FLAGS names without dashes; they apply to B's compile only, which
-process-wide XLA_FLAGS cannot do). Separate `vdit bench`
+process-wide XLA_FLAGS cannot do). Both variants' states stay in memory. Separate `vdit bench`
 runs of one configuration differ by up to 20 % on the 2-core development VM, while the
 alternating ratio of one change held within a few percent over ten rounds
-(docs/performance.md). Code changes: run it once per commit and compare the ratios, or give
-the change a config switch.
+(docs/performance.md). Code changes: give the change a config switch, or run the tool once
+per commit and compare the ratios.
 """
 
 from __future__ import annotations

@@ -98,13 +98,14 @@ XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" vbench cublas 120
 echo "== XLA options as B/A step ratios (tools/ab_step.py, 8 rounds each)"
 # Candidates for the element-wise time and the median-vs-fastest gap (docs/performance.md):
 # cuBLASLt epilogues, a wider GEMM autotuning search, no CUDA graphs (command buffers).
+# Two 1.4 B train states (about 22 GiB each) plus one step's temporaries (about 20 GiB) fit.
 for opt in "xla_gpu_enable_cublaslt=true" "xla_gpu_exhaustive_tiling_search=true" \
            "xla_gpu_enable_command_buffer="; do
     echo "-- ab $opt"
     fits 150 ab || continue
     echo "== ab $opt" >>"$LOG"
     timeout 150 $PY tools/ab_step.py experiments/bench_gpu.yaml --b-xla "$opt" --rounds 8 \
-        2>>"$LOG" | tail -3 | tee -a "$OUTDIR/ab.txt" || echo "   failed: see stderr.log"
+        2>>"$LOG" | tail -3 | tee -a "$OUTDIR/ab.txt" || { status=1; echo "   failed: see stderr.log"; }
 done
 
 echo "== done in $((SECONDS - start)) s, status $status"

@@ -37,7 +37,6 @@ class WarmStep:
     only the step is measured (no data loading); state advances with every run."""
 
     def __init__(self, cfg: Config, warmup: int = 2, compiler_options: dict | None = None):
-        self.cfg = cfg
         self.trainer = build_trainer(cfg)
         host = fixed_batch(cfg.data, self.trainer.system.tokenizer, "train",
                            cfg.train.batch_size)
@@ -66,24 +65,23 @@ def bench(cfg: Config, *, steps: int = 10, warmup: int = 2) -> dict:
     device_peak()  # measured before and after the steps (a CPU's peak), the higher one kept
     step = WarmStep(cfg, warmup)
     times = [step.run() for _ in range(steps)]
-    compiled, state, metrics, compile_s = step.compiled, step.state, step.metrics, step.compile_s
     step_s = statistics.median(times)
     flops = train_flops_per_step(cfg)
-    xla_flops = compiled_flops(compiled) * jax.device_count()
+    xla_flops = compiled_flops(step.compiled) * jax.device_count()
     peak, peak_src = device_peak(remeasure=True)
     peak *= jax.device_count()
-    memory, memory_src = _peak_memory(compiled)
+    memory, memory_src = _peak_memory(step.compiled)
     return {
         "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
-        "params": count_params(state.params), "tokens_per_step": cfg.train.batch_size
+        "params": count_params(step.state.params), "tokens_per_step": cfg.train.batch_size
         * cfg.num_tokens(), "step_s": step_s, "step_s_min": min(times),
         "tokens_per_s": cfg.train.batch_size * cfg.num_tokens() / step_s,
         "flops_per_step": flops, "xla_flops_per_step": xla_flops,
         "flops_ratio_xla": flops / xla_flops if xla_flops else float("nan"),
         "flops_per_s": flops / step_s, "peak_flops_per_s": peak, "peak_source": peak_src,
-        "mfu": flops / step_s / peak, "compile_s": compile_s, "peak_memory_bytes": memory,
+        "mfu": flops / step_s / peak, "compile_s": step.compile_s, "peak_memory_bytes": memory,
         "memory_source": memory_src, "scan_layers": cfg.model.scan_layers,
-        "dtype": cfg.model.dtype, "remat": cfg.model.remat, "loss": float(metrics["loss"]),
+        "dtype": cfg.model.dtype, "remat": cfg.model.remat, "loss": float(step.metrics["loss"]),
     }
 
 
