@@ -16,6 +16,7 @@ def test_bench_prints_a_json_line_with_measured_figures(tmp_path, capsys):
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     cfg = from_dict(tiny_dict(tmp_path / "run"))
     assert r["flops_per_step"] == pytest.approx(train_flops_per_step(cfg))
+    assert r["encoder_flops_per_step"] == 0.0  # space_to_depth: no encoder work in the step
     assert r["tokens_per_step"] == 4 * cfg.num_tokens()
     assert r["step_s"] > 0 and r["compile_s"] > 0 and r["peak_memory_bytes"] > 0
     assert r["mfu"] == pytest.approx(r["flops_per_s"] / r["peak_flops_per_s"])

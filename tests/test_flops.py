@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 from conftest import tiny_dict
 
-from vdit.config import from_dict
+from vdit.config import DEFAULT_CONFIG, from_dict, load_config
 from vdit.data.pipeline import fixed_batch
-from vdit.scaling.flops import train_flops_per_step
+from vdit.scaling.flops import encoder_flops_per_clip, train_flops_per_step
 from vdit.train.throughput import compiled_flops
 from vdit.train.trainer import build_trainer
 
@@ -57,13 +57,35 @@ def _config(tmp_path, extra: dict):
 def test_analytic_train_flops_match_xla_train_step(tmp_path, name):
     cfg = _config(tmp_path, CONFIGS[name])
     assert cfg.model.width >= 128 and cfg.train.batch_size * cfg.num_tokens() >= 256
+    xla = _xla_step_flops(cfg)
+    analytic = train_flops_per_step(cfg)
+    assert analytic == pytest.approx(xla, rel=0.05), f"analytic / XLA = {analytic / xla:.3f}"
+
+
+def _xla_step_flops(cfg) -> float:
     trainer = build_trainer(cfg)
     host = fixed_batch(cfg.data, trainer.system.tokenizer, "train", cfg.train.batch_size)
     with trainer.context():
         compiled = trainer.step_fn.lower(trainer.state, trainer.device_batch(host)).compile()
-    xla = compiled_flops(compiled)
-    analytic = train_flops_per_step(cfg)
-    assert analytic == pytest.approx(xla, rel=0.05), f"analytic / XLA = {analytic / xla:.3f}"
+    return compiled_flops(compiled)
+
+
+def test_pixel_batches_count_the_frozen_encoder(tmp_path):
+    """On the learned VAE (the demo's latent) the step encodes its pixel batch first: the DiT's
+    analytic count plus batch x the encoder's forward agrees with XLA's count of the whole step,
+    and the DiT's count alone falls well short of it."""
+    cfg = load_config(DEFAULT_CONFIG, [
+        "model.width=128", "model.heads=2", "model.depth=2", "text.width=64",
+        f"train.run_dir={tmp_path / 'run'}"])
+    assert cfg.autoencoder.kind == "causal_vae" and not cfg.model.scan_layers
+    xla = _xla_step_flops(cfg)
+    dit = train_flops_per_step(cfg)
+    encoder = cfg.train.batch_size * encoder_flops_per_clip(cfg)
+    ratio = (dit + encoder) / xla
+    assert ratio == pytest.approx(1.0, abs=0.05), f"(DiT + encoder) / XLA = {ratio:.3f}"
+    assert dit < 0.8 * xla
+    # The parameter-free stand-in is a reshape: nothing to add.
+    assert encoder_flops_per_clip(_config(tmp_path, {})) == 0.0
 
 
 def test_packed_flops_count_real_tokens_and_per_clip_attention():

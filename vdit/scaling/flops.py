@@ -3,6 +3,10 @@
 XLA's cost analysis counts a scanned layer stack once, not `depth` times, so MFU needs an
 analytic count. Only matmuls are counted (2 FLOPs per multiply-add); norms, softmax and
 elementwise work are a few percent at most. Training = 3 x forward (backward = 2 x forward).
+
+A train step on pixel batches also runs the frozen autoencoder's encoder (forward only):
+`encoder_flops_per_clip` counts it, and throughput reports (`vdit bench`, the train loop) add
+it to the step's work. Scaling budgets (C = 6 N D) count the DiT alone.
 """
 
 from __future__ import annotations
@@ -87,6 +91,30 @@ def packed_train_flops(cfg: Config, segment_ids: np.ndarray) -> tuple[float, int
         + b.text_encoder * clips
     )
     return 3.0 * forward, int(tokens)
+
+
+def encoder_flops_per_clip(cfg: Config) -> float:
+    """Forward FLOPs of the autoencoder's encoder on one clip of `data.world`'s shape.
+
+    XLA's count of the lowered (not yet optimised) encoder: convolutions, norms and activations,
+    exactly the graph the train step runs on its pixel batches (the encoder has no scanned
+    loop, so nothing is counted once for many). Lowering only traces; nothing is compiled.
+    0 for space_to_depth (a reshape).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from vdit.models.autoencoder import make_autoencoder
+
+    if cfg.autoencoder.kind == "space_to_depth":
+        return 0.0
+    w = cfg.data.world
+    video = jax.ShapeDtypeStruct((1, w.frames, w.height, w.width, 3), jnp.float32)
+    autoencoder = make_autoencoder(cfg.autoencoder)
+    params = jax.eval_shape(autoencoder.init, jax.random.key(0), video)
+    cost = jax.jit(autoencoder.encode).lower(params, video).cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return float(cost["flops"])
 
 
 def tokens_per_step(cfg: Config) -> int:

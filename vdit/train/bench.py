@@ -9,7 +9,7 @@ import jax
 
 from vdit.config import Config
 from vdit.data.pipeline import fixed_batch
-from vdit.scaling.flops import train_flops_per_step
+from vdit.scaling.flops import encoder_flops_per_clip, train_flops_per_step
 from vdit.train.state import count_params
 from vdit.train.throughput import compiled_flops, device_peak
 from vdit.train.trainer import build_trainer
@@ -66,7 +66,11 @@ def bench(cfg: Config, *, steps: int = 10, warmup: int = 2) -> dict:
     step = WarmStep(cfg, warmup)
     times = [step.run() for _ in range(steps)]
     step_s = statistics.median(times)
-    flops = train_flops_per_step(cfg)
+    dit_flops = train_flops_per_step(cfg)
+    # A pixel batch runs the frozen encoder inside the step (forward only): count it too.
+    encoder_flops = (cfg.train.batch_size * encoder_flops_per_clip(cfg)
+                     if "video" in step.batch else 0.0)
+    flops = dit_flops + encoder_flops
     xla_flops = compiled_flops(step.compiled) * jax.device_count()
     peak, peak_src = device_peak(remeasure=True)
     peak *= jax.device_count()
@@ -76,7 +80,8 @@ def bench(cfg: Config, *, steps: int = 10, warmup: int = 2) -> dict:
         "params": count_params(step.state.params), "tokens_per_step": cfg.train.batch_size
         * cfg.num_tokens(), "step_s": step_s, "step_s_min": min(times),
         "tokens_per_s": cfg.train.batch_size * cfg.num_tokens() / step_s,
-        "flops_per_step": flops, "xla_flops_per_step": xla_flops,
+        "flops_per_step": flops, "dit_flops_per_step": dit_flops,
+        "encoder_flops_per_step": encoder_flops, "xla_flops_per_step": xla_flops,
         "flops_ratio_xla": flops / xla_flops if xla_flops else float("nan"),
         "flops_per_s": flops / step_s, "peak_flops_per_s": peak, "peak_source": peak_src,
         "mfu": flops / step_s / peak, "compile_s": step.compile_s, "peak_memory_bytes": memory,
@@ -88,6 +93,9 @@ def bench(cfg: Config, *, steps: int = 10, warmup: int = 2) -> dict:
 def format_report(r: dict) -> str:
     xla_note = ("XLA counts a scanned stack once" if r["scan_layers"]
                 else f"{100 * r['flops_ratio_xla']:.1f} % of XLA's count")
+    encoder_note = (f": DiT {r['dit_flops_per_step'] / 1e9:.1f} analytic + frozen encoder "
+                    f"{r['encoder_flops_per_step'] / 1e9:.1f}" if r["encoder_flops_per_step"]
+                    else " analytic")
     return "\n".join([
         f"device        {r['device']} x {r['devices']}",
         f"model         {r['params'] / 1e6:.1f} M params, {r['dtype']}, remat {r['remat']}, "
@@ -95,7 +103,7 @@ def format_report(r: dict) -> str:
         f"compile       {r['compile_s']:.1f} s",
         f"step          {r['step_s'] * 1e3:.1f} ms median (min {r['step_s_min'] * 1e3:.1f} ms)",
         f"tokens/s      {r['tokens_per_s']:.0f} ({r['tokens_per_step']} tokens/step)",
-        f"FLOPs/step    {r['flops_per_step'] / 1e9:.1f} GFLOP analytic ({xla_note})",
+        f"FLOPs/step    {r['flops_per_step'] / 1e9:.1f} GFLOP{encoder_note} ({xla_note})",
         f"achieved      {r['flops_per_s'] / 1e9:.1f} GFLOP/s",
         f"peak          {r['peak_flops_per_s'] / 1e9:.1f} GFLOP/s ({r['peak_source']})",
         f"MFU           {100 * r['mfu']:.1f} %",

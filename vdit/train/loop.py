@@ -18,7 +18,7 @@ from vdit.config import Config, to_dict
 from vdit.data.pipeline import fixed_batch, train_iterator
 from vdit.models.text import physics_tokenizer
 from vdit.parallel.distributed import align_processes, is_primary
-from vdit.scaling.flops import packed_train_flops, train_flops_per_step
+from vdit.scaling.flops import encoder_flops_per_clip, packed_train_flops, train_flops_per_step
 from vdit.train.checkpoint import Checkpointer
 from vdit.train.guards import NonFiniteGuard, PreemptionWatch, TrainingStopped
 from vdit.train.metrics import MetricsWriter, plot_losses, read_metrics
@@ -107,7 +107,10 @@ def train(cfg: Config, *, system: System | None = None, log=print) -> dict:
         eval_fn = trainer.eval_fn.lower(state.params, eval_batch, state.stats, eval_key).compile()
         align_processes("compiled")  # every process compiled: the collectives can start
         # Analytic count for the DiT: XLA's cost analysis counts a scanned layer stack only once.
-        flops = (train_flops_per_step(cfg) if system.kind == "dit"
+        # Pixel batches also run the frozen encoder in the step (forward only).
+        encoder_flops = (tc.batch_size * encoder_flops_per_clip(cfg)
+                         if system.kind == "dit" and "video" in host else 0.0)
+        flops = (train_flops_per_step(cfg) + encoder_flops if system.kind == "dit"
                  else compiled.cost_analysis()["flops"])
         peak, peak_src = device_peak()
         peak *= jax.device_count()
@@ -133,6 +136,8 @@ def train(cfg: Config, *, system: System | None = None, log=print) -> dict:
                 f"{system.video_shape} -> latent {cfg.latent_shape()}")
         per_step = ("GFLOP/step counted from each packed batch's real tokens" if packed
                     else f"{flops / 1e9:.1f} GFLOP/step")
+        if encoder_flops:
+            per_step += f" (frozen encoder {encoder_flops / 1e9:.1f})"
         log(f"train step: compiled in {compile_s:.1f} s, {per_step}; peak "
             f"{peak / 1e9:.0f} GFLOP/s on {jax.device_count()} device(s) ({peak_src})")
 
