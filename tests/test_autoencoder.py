@@ -179,6 +179,13 @@ def test_train_ae_eval_ae_export_and_a_dit_on_the_trained_latent(tmp_path, capsy
     assert main(["train", str(tmp_path / "dit2.yaml")]) == 2
     assert "autoencoder.latent_channels: config 8, checkpoint 4" in capsys.readouterr().err
 
+    # The DiT checkpoint holds the autoencoder's params, so the run samples after its
+    # autoencoder export is gone.
+    (tmp_path / "ae_export").rename(tmp_path / "ae_export_moved")
+    assert main(["sample", str(tmp_path / "dit"), "--num", "1", "--out",
+                 str(tmp_path / "samples")]) == 0
+    assert list((tmp_path / "samples").glob("*.mp4"))
+
 
 def test_config_refuses_frame_counts_the_causal_autoencoder_cannot_take():
     from conftest import tiny_dict

@@ -266,6 +266,7 @@ def test_training_on_shards_resumes_the_exact_stream(tmp_path):
     from vdit.train.checkpoint import Checkpointer
     from vdit.train.loop import train
     from vdit.train.metrics import read_metrics
+    from vdit.train.run_dir import load_run
 
     d = _physics_shards(tmp_path)
     for steps in (2, 4):  # stop at 2, resume to 4
@@ -281,6 +282,10 @@ def test_training_on_shards_resumes_the_exact_stream(tmp_path):
     assert meta["data_iterator"] == fresh.get_state()
     losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert len(losses) >= 3 and np.isfinite(losses).all()
+    # What sampling reads: the run without its shards (the checkpoint holds the latent stats).
+    (tmp_path / "shards").rename(tmp_path / "shards_moved")
+    _, _, state = load_run(tmp_path / "run")
+    assert int(state.step) == 4 and state.stats["mean"].shape == (cfg.latent_shape()[-1],)
 
 
 def test_packed_dit_keeps_clips_apart():

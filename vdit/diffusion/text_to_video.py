@@ -77,6 +77,18 @@ class TextToVideo:
         return {"mean": lat.mean(axes), "std": jnp.maximum(lat.std(axes), 1e-3),
                 "autoencoder": {}}
 
+    def stats_shapes(self) -> Stats:
+        """What `initial_stats` returns, as jax.ShapeDtypeStruct leaves, without data or files:
+        the structure a checkpoint's stats restore into (they hold the autoencoder's params,
+        so sampling a run needs neither its autoencoder export nor its data)."""
+        channels = jax.ShapeDtypeStruct((self.latent_shape[-1],), jnp.float32)
+        autoencoder = {}
+        if self.cfg.autoencoder.kind == "causal_vae":
+            w = self.cfg.data.world
+            video = jax.ShapeDtypeStruct((1, w.frames, w.height, w.width, 3), jnp.float32)
+            autoencoder = jax.eval_shape(self.autoencoder.init, jax.random.key(0), video)
+        return {"mean": channels, "std": channels, "autoencoder": autoencoder}
+
     def encode(self, video: jax.Array, stats: Stats) -> jax.Array:
         """uint8 [B, T, H, W, 3] -> normalised latent [B, T', H', W', C]."""
         latent = self.autoencoder.encode(stats.get("autoencoder", {}), to_float(video))

@@ -9,7 +9,7 @@ from vdit.config import Config, ConfigError
 from vdit.diffusion.text_to_video import TextToVideo
 from vdit.train.checkpoint import Checkpointer
 from vdit.train.state import TrainState
-from vdit.train.trainer import build_trainer
+from vdit.train.trainer import restore_target
 
 # Keys that may change when a run is resumed; anything else would silently change the experiment.
 RESUMABLE_KEYS = (
@@ -51,11 +51,11 @@ def load_run(
     ckpt = Checkpointer(run_dir / "checkpoints", async_save=False)
     if ckpt.latest_step() is None:
         raise FileNotFoundError(f"{run_dir} has no checkpoint yet")
-    trainer = build_trainer(cfg)
-    with trainer.context():
-        state, _ = ckpt.restore(trainer.state, step)
+    system = TextToVideo(cfg)
+    # Restored into shapes alone: the run's data and autoencoder export need not exist anymore.
+    state, _ = ckpt.restore(restore_target(cfg, system), step)
     ckpt.close()
-    return cfg, trainer.system, state
+    return cfg, system, state
 
 
 def load_for_sampling(path: str | Path, step: int | None = None, raw: bool = False):

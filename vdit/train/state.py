@@ -78,13 +78,14 @@ def opt_state_shardings(tx: optax.GradientTransformation, opt_state, p_shard, re
                                  transform_non_params=lambda _: replicated)
 
 
-def create_state(system: System, tx: optax.GradientTransformation, seed: int, stats: Stats,
-                 mesh: Mesh, rules: Rules) -> TrainState:
-    """A fresh TrainState, created sharded: params follow the logical-axis table."""
+def _layout(system: System, tx: optax.GradientTransformation, stats: Stats, mesh: Mesh,
+            rules: Rules):
+    """(init(key, stats) -> TrainState, its abstract result, its shardings): params follow the
+    logical-axis table, optimizer moments their params, everything else is replicated."""
     p_shard = param_shardings(system, mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
 
-    def init(key):
+    def init(key, stats):
         params = nn.unbox(system.init(key))["params"]
         params = jax.lax.with_sharding_constraint(params, p_shard)
         return TrainState(
@@ -93,11 +94,28 @@ def create_state(system: System, tx: optax.GradientTransformation, seed: int, st
             stats=stats,
         )
 
-    abstract = jax.eval_shape(init, jax.random.key(seed))
+    abstract = jax.eval_shape(init, jax.random.key(0), stats)
     shardings = jax.tree.map(lambda _: replicated, abstract)
     shardings = shardings.replace(params=p_shard, ema_params=p_shard, opt_state=opt_state_shardings(
         tx, abstract.opt_state, p_shard, replicated))
-    return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+    return init, abstract, shardings
+
+
+def create_state(system: System, tx: optax.GradientTransformation, seed: int, stats: Stats,
+                 mesh: Mesh, rules: Rules) -> TrainState:
+    """A fresh TrainState, created sharded: params follow the logical-axis table."""
+    init, _, shardings = _layout(system, tx, stats, mesh, rules)
+    # stats stay constants of the program, as host values every process holds alike.
+    return jax.jit(lambda key: init(key, stats), out_shardings=shardings)(jax.random.key(seed))
+
+
+def abstract_state(system: System, tx: optax.GradientTransformation, stats: Stats, mesh: Mesh,
+                   rules: Rules) -> TrainState:
+    """The TrainState's shapes, dtypes and shardings (jax.ShapeDtypeStruct leaves), from shapes
+    alone: what a checkpoint restores into. `stats` may be abstract too."""
+    _, abstract, shardings = _layout(system, tx, stats, mesh, rules)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
 
 
 def state_shardings(state: TrainState):

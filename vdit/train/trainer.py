@@ -20,7 +20,14 @@ from vdit.diffusion.text_to_video import TextToVideo
 from vdit.models.text import physics_tokenizer
 from vdit.parallel.mesh import batch_sharding, batch_shards, make_mesh
 from vdit.parallel.rules import Rules, get_rules
-from vdit.train.state import System, TrainState, create_state, make_optimizer, state_shardings
+from vdit.train.state import (
+    System,
+    TrainState,
+    abstract_state,
+    create_state,
+    make_optimizer,
+    state_shardings,
+)
 from vdit.train.step import eval_step, train_step
 
 
@@ -64,12 +71,27 @@ class Trainer:
             yield
 
 
+def mesh_and_rules(cfg: Config, devices: list | None = None) -> tuple[Mesh, Rules]:
+    """The device mesh of `cfg.mesh` over `devices` (default: all) and its logical-axis rules."""
+    return make_mesh(cfg.mesh, devices), get_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)
+
+
+def restore_target(cfg: Config, system: TextToVideo) -> TrainState:
+    """The abstract, sharded TrainState a DiT checkpoint restores into, built from shapes alone:
+    no data, no autoencoder export and no parameter init are needed (the checkpoint holds the
+    frozen autoencoder's params in its stats)."""
+    mesh, rules = mesh_and_rules(cfg)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        return abstract_state(system, make_optimizer(cfg.train), system.stats_shapes(), mesh,
+                              rules)
+
+
 def build_trainer(cfg: Config, system: System | None = None,
                   devices: list | None = None) -> Trainer:
     """A fresh sharded TrainState (stats from `data.stats_clips` training clips) and the jitted
     step, for `system` (default: the text-to-video DiT). Restoring a checkpoint into
     `trainer.state` is the caller's choice. The mesh spans `devices` (default: all)."""
-    mesh, rules = make_mesh(cfg.mesh, devices), get_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)
+    mesh, rules = mesh_and_rules(cfg, devices)
     system = system if system is not None else TextToVideo(cfg)
     tx = make_optimizer(cfg.train)
     if cfg.data.source == "shards":
