@@ -68,6 +68,10 @@ def test_train_resume_and_sample_end_to_end(tmp_path, capsys):
     assert main(["train", str(config), "model.depth=3"]) == 2
     assert "model.depth" in capsys.readouterr().err
 
+    # A checkpoint step the run does not have is refused, naming the steps it has.
+    assert main(["sample", str(run), "--step", "5", "--out", str(tmp_path / "s5")]) == 2
+    assert "no checkpoint of step 5" in capsys.readouterr().err
+
     # Sampling from the run: files, determinism for a seed.
     out_dir = tmp_path / "samples"
     args = ["sample", str(run), "--prompt", "a blue ball rolls right", "--num", "2",
@@ -127,6 +131,26 @@ def test_config_errors_exit_2_and_name_the_key(tmp_path, capsys):
     assert not run.exists()  # nothing was written for a bad config
     assert main(["sample", str(tmp_path / "nowhere")]) == 2
     assert "not a vdit run directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--steps", "0"], "argument --steps: must be >= 1, got 0"),
+    (["bench", "--warmup", "-1"], "argument --warmup: must be >= 0, got -1"),
+    (["sample", "run", "--num", "0"], "argument --num: must be >= 1, got 0"),
+    (["eval-ae", "ae", "--clips", "many"], "argument --clips: expected int, got 'many'"),
+    (["tokenize", "out", "--physics", "3", "--fps", "0"], "argument --fps: must be > 0, got 0"),
+])
+def test_bad_numeric_options_exit_2_and_name_the_option(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_tokenize_refuses_a_process_number_outside_the_process_count(tmp_path, capsys):
+    argv = ["tokenize", str(tmp_path / "shards"), "--physics", "2", "--processes", "2"]
+    assert main([*argv, "--process", "2"]) == 2
+    assert "process 2 of 2: the process number must be in 0..1" in capsys.readouterr().err
+    assert not (tmp_path / "shards").exists()
 
 
 def test_console_script_is_installed():

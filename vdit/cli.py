@@ -211,6 +211,26 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _number(kind: type, minimum: float, strict: bool = False):
+    """An argparse type: a `kind` (int or float) >= `minimum` (> with `strict`); argparse names
+    the option in its error."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        if value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(
+                f"must be {'>' if strict else '>='} {minimum}, got {text}")
+        return value
+
+    return parse
+
+
+POSITIVE, NON_NEGATIVE, POSITIVE_FLOAT = _number(int, 1), _number(int, 0), _number(float, 0, True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vdit", description="Text-to-video diffusion "
                                      "transformers on JAX.")
@@ -231,8 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval-ae", help="PSNR / SSIM of a trained autoencoder on held-out clips")
     p.add_argument("path", help="autoencoder run directory or exported autoencoder")
-    p.add_argument("--clips", type=int, default=64, help="held-out clips (default 64)")
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--clips", type=POSITIVE, default=64, help="held-out clips (default 64)")
+    p.add_argument("--batch", type=POSITIVE, default=8)
     p.add_argument("--out", default=None, help="where eval_ae.json / .gif go (default: PATH)")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.set_defaults(func=_cmd_eval_ae)
@@ -241,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "physics (velocity, gravity, permanence, ...) in and out of distribution")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="DiT run directories; "
                    "several (a sweep) also give physics_vs_compute.png")
-    p.add_argument("--clips", type=int, default=8, help="held-out clips per split (default 8)")
+    p.add_argument("--clips", type=POSITIVE, default=8, help="held-out clips per split (default 8)")
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/physics)")
     p.add_argument("--context-frames", type=int, default=None, metavar="K",
                    help="latent frames given (default: the run's diffusion.context_frames, "
@@ -259,14 +279,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "on one host")
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/export_TO)")
     p.add_argument("--raw", action="store_true", help="raw params instead of the EMA")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--step", type=NON_NEGATIVE, default=None,
+                   help="checkpoint step (default: latest)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("bench", help="compile and time the train step: tokens/s, MFU, memory")
     p.add_argument("config", nargs="?", default=None)
     p.add_argument("overrides", nargs="*")
-    p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--steps", type=POSITIVE, default=10, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=NON_NEGATIVE, default=2, help="untimed steps first")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.set_defaults(func=_cmd_bench)
 
@@ -274,9 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a DiT run directory, or its export (vdit export)")
     p.add_argument("--prompt", action="append", help="a caption (repeatable); default: the "
                    "config's sample.prompts")
-    p.add_argument("--num", type=int, default=None, help="videos per prompt")
+    p.add_argument("--num", type=POSITIVE, default=None, help="videos per prompt")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--step", type=NON_NEGATIVE, default=None,
+                   help="checkpoint step (default: latest)")
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/samples)")
     p.add_argument("--raw", action="store_true", help="use raw params instead of the EMA")
     p.add_argument("--context", default=None, metavar="VIDEO",
@@ -308,24 +330,24 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--videos", help="a folder of video files (needs --captions)")
     src.add_argument("--tfds", help="a TFDS dataset name, read with tfds.data_source")
-    src.add_argument("--physics", type=int, metavar="N", help="the first N physics clips")
+    src.add_argument("--physics", type=POSITIVE, metavar="N", help="the first N physics clips")
     p.add_argument("--captions", help="CSV or JSONL with columns path, caption[, license]")
     p.add_argument("--data-dir", default=None, help="TFDS data_dir")
     p.add_argument("--split", default="train", help="TFDS split (default train)")
     p.add_argument("--video-key", default="frames", help="TFDS feature of uint8 frames")
     p.add_argument("--caption-key", default="caption", help="TFDS feature of the caption")
-    p.add_argument("--source-fps", type=float, default=8.0,
+    p.add_argument("--source-fps", type=POSITIVE_FLOAT, default=8.0,
                    help="frame rate of TFDS examples without an 'fps' feature")
     p.add_argument("--buckets", default=None,
                    help="FRAMESxHEIGHTxWIDTH,... in pixels (default: the config's clip shape, "
                    "data.world frames x height x width)")
-    p.add_argument("--fps", type=float, default=None, help="resample to this frame rate")
-    p.add_argument("--shard-size", type=int, default=256, help="inputs per shard")
-    p.add_argument("--batch", type=int, default=8, help="clips per encoder call")
+    p.add_argument("--fps", type=POSITIVE_FLOAT, default=None, help="resample to this frame rate")
+    p.add_argument("--shard-size", type=POSITIVE, default=256, help="inputs per shard")
+    p.add_argument("--batch", type=POSITIVE, default=8, help="clips per encoder call")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--license", default="unknown", help="licence of inputs that name none")
-    p.add_argument("--process", type=int, default=0, help="this process's number")
-    p.add_argument("--processes", type=int, default=1, help="processes sharing the work")
+    p.add_argument("--process", type=NON_NEGATIVE, default=0, help="this process's number")
+    p.add_argument("--processes", type=POSITIVE, default=1, help="processes sharing the work")
     p.set_defaults(func=_cmd_tokenize)
 
     from vdit.scaling.sweep import register as register_sweep

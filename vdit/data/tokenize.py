@@ -23,7 +23,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from vdit.config import Config
+from vdit.config import Config, ConfigError
 from vdit.data.buckets import Bucket, SkipClip, prepare_clip
 from vdit.data.shards import (
     DTYPES,
@@ -50,6 +50,11 @@ class TokenizeOptions:
     process: int = 0
     processes: int = 1
     info: dict = field(default_factory=dict)  # extra index.json fields (source description)
+
+    def __post_init__(self):
+        if not 0 <= self.process < self.processes:
+            raise ConfigError(f"tokenize: process {self.process} of {self.processes}: the "
+                              f"process number must be in 0..{self.processes - 1}")
 
 
 class BatchEncoder:

@@ -38,6 +38,9 @@ class Checkpointer:
         Without `step`, the newest checkpoint that reads back whole: a truncated or corrupt one
         is reported (through `log`), moved aside to `corrupt-STEP` and the next older is used."""
         if step is not None:
+            if step not in self.all_steps():
+                raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory}; "
+                                        f"steps there: {self.all_steps() or 'none'}")
             return self._restore(target, step)
         for candidate in sorted(self.all_steps(), reverse=True):
             try:
