@@ -1,7 +1,6 @@
 """The `vdit` command end to end on a tiny config: train, resume, sample, errors."""
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -81,9 +80,16 @@ def test_train_resume_and_sample_end_to_end(tmp_path, capsys):
     assert listing["prompts"] == ["a blue ball rolls right"] and listing["seed"] == 3
     video = next(out_dir.glob("*_0.mp4"))
     first = read_video(video)[0]
-    shutil.rmtree(out_dir)
-    assert main(args) == 0
+    # Earlier samples are never replaced silently: refused, unless --overwrite.
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "already holds samples" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
     np.testing.assert_array_equal(first, read_video(video)[0])
+    # Without --out, a run's next samples go beside the end-of-training ones.
+    assert main(["sample", str(run), "--num", "1"]) == 0
+    assert (run / "samples" / "grid_s0.gif").exists()
+    assert (run / "samples-2" / "prompts.json").exists()
 
     # Every video is marked: a sidecar says AI-generated, and the pixels carry the watermark
     # (the difference to an unmarked render is the faint pattern, >= 40 dB PSNR).

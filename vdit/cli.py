@@ -107,7 +107,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from vdit.sample.generate import Marking, default_key, sample_run
+    from vdit.sample.generate import Marking, default_key, free_samples_dir, sample_run
     from vdit.train.run_dir import load_for_sampling
 
     if args.no_watermark:
@@ -116,12 +116,12 @@ def _cmd_sample(args: argparse.Namespace) -> int:
               file=sys.stderr)
     cfg, system, params, stats, step = load_for_sampling(args.run_dir, args.step, args.raw)
     context = _read_context(args, cfg)
-    out = Path(args.out) if args.out else Path(args.run_dir) / "samples"
+    out = Path(args.out) if args.out else free_samples_dir(args.run_dir)
     marking = Marking(watermark=not args.no_watermark, key=args.watermark_key or default_key(),
                       run_id=f"{Path(args.run_dir).resolve().name}@{step}",
                       c2pa_cert=args.c2pa_cert, c2pa_key=args.c2pa_key)
     paths = sample_run(cfg, system, params, stats, out, args.prompt or None, args.num,
-                       args.seed, marking, context, args.context_frames or 0)
+                       args.seed, marking, context, args.context_frames or 0, args.overwrite)
     for p in paths:
         print(p)
     return 0
@@ -299,7 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--step", type=NON_NEGATIVE, default=None,
                    help="checkpoint step (default: latest)")
-    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/samples)")
+    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/samples, or "
+                   "samples-2, -3, ... when earlier samples are there)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace earlier samples of the same names in --out")
     p.add_argument("--raw", action="store_true", help="use raw params instead of the EMA")
     p.add_argument("--context", default=None, metavar="VIDEO",
                    help="continue this video (mp4 of the run's size or an integer multiple)")

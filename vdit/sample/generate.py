@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from vdit import __version__
-from vdit.config import Config, SampleConfig
+from vdit.config import Config, ConfigError, SampleConfig
 from vdit.data.video_io import display_scale, tile, upscale, write_gif, write_mp4
 from vdit.diffusion.text_to_video import Stats, TextToVideo
 from vdit.provenance import manifest, watermark
@@ -95,7 +95,7 @@ def write_samples(out_dir: str | Path, videos: np.ndarray, prompts: list[str], n
             model_hash=model_hash, prompt=prompts[p], seed=seed, watermark=marking.watermark,
             payload=payload if marking.watermark else None, vdit_version=__version__,
             extra={"run": marking.run_id, "video_index": k, "fps": fps})
-        path = write_mp4(out / f"{p:02d}_{_slug(prompts[p])}_s{seed}_{k}.mp4", frames, fps,
+        path = write_mp4(out / _video_name(p, prompts[p], seed, k), frames, fps,
                          metadata=manifest.mp4_metadata(record))
         manifest.write_sidecar(path, record)
         if marking.c2pa_cert and marking.c2pa_key:
@@ -128,15 +128,45 @@ def continue_prompts(system: TextToVideo, params, stats: Stats, prompts: list[st
         for i, p in enumerate(prompts)])
 
 
+def free_samples_dir(run_dir: str | Path) -> Path:
+    """RUN/samples, or the first of RUN/samples-2, samples-3, ... that holds no sample set
+    (prompts.json): where a run's next samples go without replacing earlier ones."""
+    run_dir = Path(run_dir)
+    out, n = run_dir / "samples", 1
+    while (out / "prompts.json").exists():
+        n += 1
+        out = run_dir / f"samples-{n}"
+    return out
+
+
+def _check_unused(out: Path, prompts: list[str], num: int, seed: int) -> None:
+    """Refuse to write over an earlier sample set or over videos of the same names."""
+    taken = [out / "prompts.json"] + [out / _video_name(p, prompt, seed, k)
+                                     for p, prompt in enumerate(prompts) for k in range(num)]
+    taken = [path.name for path in taken if path.exists()]
+    if taken:
+        raise ConfigError(f"{out} already holds samples ({', '.join(taken[:3])}"
+                          f"{', ...' if len(taken) > 3 else ''}); choose another --out, or pass "
+                          "--overwrite to replace them")
+
+
+def _video_name(p: int, prompt: str, seed: int, k: int) -> str:
+    return f"{p:02d}_{_slug(prompt)}_s{seed}_{k}.mp4"
+
+
 def sample_run(cfg: Config, system: TextToVideo, params, stats: Stats, out_dir: str | Path,
                prompts: list[str] | None = None, num: int | None = None,
                seed: int | None = None, marking: Marking = Marking(),
-               context: np.ndarray | None = None, context_frames: int = 0) -> list[Path]:
+               context: np.ndarray | None = None, context_frames: int = 0,
+               overwrite: bool = False) -> list[Path]:
     """Generate from `prompts` (default: the config's) and write files under out_dir; with
-    `context` (uint8 frames), continue it from its first `context_frames` latent frames."""
+    `context` (uint8 frames), continue it from its first `context_frames` latent frames.
+    An earlier sample set in out_dir is refused (ConfigError) unless `overwrite`."""
     prompts = list(prompts or cfg.sample.prompts)
     num = num or cfg.sample.num_per_prompt
     seed = cfg.sample.seed if seed is None else seed
+    if not overwrite:  # checked before the (long) generation
+        _check_unused(Path(out_dir), prompts, num, seed)
     if context is None:
         videos = generate(system, params, stats, prompts, num=num, seed=seed, cfg=cfg.sample)
     else:

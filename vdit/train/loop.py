@@ -243,11 +243,12 @@ def train(cfg: Config, *, system: System | None = None, log=print) -> dict:
             log(f"reconstructions (original | reconstruction): {gif}")
             summary["reconstructions"] = str(gif)
         elif tc.sample_at_end:
-            from vdit.sample.generate import Marking, sample_run
+            from vdit.sample.generate import Marking, free_samples_dir, sample_run
 
             marking = Marking(run_id=f"{run_dir.resolve().name}@{tc.steps}")
-            paths = sample_run(cfg, trainer.system, state.ema_params, state.stats,
-                               run_dir / "samples", marking=marking)
-            log(f"samples: {len(paths)} files in {run_dir / 'samples'}")
+            out = free_samples_dir(run_dir)  # a resumed run keeps its earlier samples
+            paths = sample_run(cfg, trainer.system, state.ema_params, state.stats, out,
+                               marking=marking)
+            log(f"samples: {len(paths)} files in {out}")
             summary["samples"] = [str(p) for p in paths]
     return summary
