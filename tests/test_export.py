@@ -72,6 +72,12 @@ def test_stablehlo_sampler_runs_without_vdit_and_matches_vdit_sample(exported, t
 def test_params_route_restores_on_one_host_and_samples(exported, capsys):
     out = exported / "params_only"
     assert main(["export", str(exported / "run"), "--to", "params", "--out", str(out)]) == 0
+    # An earlier export is not written over unless asked.
+    capsys.readouterr()
+    assert main(["export", str(exported / "run"), "--to", "params", "--out", str(out)]) == 2
+    assert "is not empty (an earlier export?)" in capsys.readouterr().err
+    assert main(["export", str(exported / "run"), "--to", "params", "--out", str(out),
+                 "--overwrite"]) == 0
     _, _, params, _, _ = load_for_sampling(out)
     _, _, params_run, _, _ = load_for_sampling(exported / "run")
     np.testing.assert_array_equal(params["patch_embed"]["kernel"],

@@ -90,7 +90,8 @@ def _cmd_eval_physics(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from vdit.export.run_export import export_run
 
-    out = export_run(args.run_dir, to=args.to, out=args.out, raw=args.raw, step=args.step)
+    out = export_run(args.run_dir, to=args.to, out=args.out, raw=args.raw, step=args.step,
+                     overwrite=args.overwrite)
     print(out)
     return 0
 
@@ -278,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "function (jax.export, cpu/cuda/tpu); params: a param-only orbax checkpoint "
                    "on one host")
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/export_TO)")
+    p.add_argument("--overwrite", action="store_true", help="write over an earlier export in --out")
     p.add_argument("--raw", action="store_true", help="raw params instead of the EMA")
     p.add_argument("--step", type=NON_NEGATIVE, default=None,
                    help="checkpoint step (default: latest)")

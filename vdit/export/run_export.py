@@ -12,18 +12,25 @@ ROUTES = ("safetensors", "stablehlo", "params")
 
 
 def export_run(run_dir: str | Path, *, to: str = "safetensors", out: str | Path | None = None,
-               raw: bool = False, step: int | None = None) -> Path:
+               raw: bool = False, step: int | None = None, overwrite: bool = False) -> Path:
     """Export the EMA (or raw) params and stats of a DiT or autoencoder run; returns the folder.
 
     safetensors: an autoencoder exports its VAE params (the discriminator stays behind); a DiT
     its params with the frozen autoencoder's inside `stats/autoencoder`. stablehlo: the same,
     plus the DiT's generation function as a serialized program. params: a param-only orbax
-    checkpoint, consolidated onto one host, that `vdit sample` restores anywhere."""
+    checkpoint, consolidated onto one host, that `vdit sample` restores anywhere.
+
+    A non-empty `out` (an earlier export) is refused unless `overwrite`; then the export's files
+    are written over, and nothing else in `out` is touched."""
     if to not in ROUTES:
         raise ValueError(f"--to {to!r}; allowed: {', '.join(ROUTES)}")
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
         raise FileNotFoundError(f"{run_dir} is not a vdit run directory (no config.yaml)")
+    out = Path(out) if out else run_dir / f"export_{to}"
+    if not overwrite and out.is_dir() and any(out.iterdir()):
+        raise config_lib.ConfigError(f"{out} is not empty (an earlier export?); choose another "
+                                     "--out, or pass --overwrite to write over it")
     cfg = config_lib.load_config(run_dir / "config.yaml")
     ckpt = Checkpointer(run_dir / "checkpoints", async_save=False)
     state, meta = ckpt.restore_raw(step)
@@ -41,7 +48,6 @@ def export_run(run_dir: str | Path, *, to: str = "safetensors", out: str | Path 
         info["tokenizer"] = {"kind": "words", "pattern": "[a-z]+ after lower-casing",
                              "max_length": tok.max_length, "bos": BOS, "pad": PAD, "unk": UNK,
                              "words": list(tok.words)}
-    out = Path(out) if out else run_dir / f"export_{to}"
     tensors = {"params": params, "stats": state["stats"]}
     if to == "params":
         from vdit.train.checkpoint import save_params

@@ -131,7 +131,10 @@ def save_params(directory: str | Path, tensors: dict, info: dict) -> Path:
 
     directory = Path(directory).absolute()
     ckpt = Checkpointer(directory, keep=1, async_save=False)
-    ckpt.save(int(info.get("step", 0)), tensors, info)
+    step = int(info.get("step", 0))
+    if step in ckpt.all_steps():  # an export written over (`vdit export --overwrite`)
+        ckpt.manager.delete(step)
+    ckpt.save(step, tensors, info)
     ckpt.close()
     (directory / PARAMS_MARKER).write_text(json.dumps(info, indent=2))
     return directory
