@@ -14,7 +14,7 @@ from conftest import tiny_dict
 
 from vdit.config import DEFAULT_CONFIG, from_dict, load_config
 from vdit.data.pipeline import fixed_batch
-from vdit.scaling.flops import encoder_flops_per_clip, train_flops_per_step
+from vdit.scaling.flops import encoder_flops_per_clip, step_flops, train_flops_per_step
 from vdit.train.throughput import compiled_flops
 from vdit.train.trainer import build_trainer
 
@@ -79,8 +79,9 @@ def test_pixel_batches_count_the_frozen_encoder(tmp_path):
         f"train.run_dir={tmp_path / 'run'}"])
     assert cfg.autoencoder.kind == "causal_vae" and not cfg.model.scan_layers
     xla = _xla_step_flops(cfg)
-    dit = train_flops_per_step(cfg)
-    encoder = cfg.train.batch_size * encoder_flops_per_clip(cfg)
+    dit, encoder = step_flops(cfg, encodes_pixels=True)
+    assert dit == train_flops_per_step(cfg) and step_flops(cfg, encodes_pixels=False)[1] == 0.0
+    assert encoder == cfg.train.batch_size * encoder_flops_per_clip(cfg)
     ratio = (dit + encoder) / xla
     assert ratio == pytest.approx(1.0, abs=0.05), f"(DiT + encoder) / XLA = {ratio:.3f}"
     assert dit < 0.8 * xla

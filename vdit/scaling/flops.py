@@ -117,6 +117,14 @@ def encoder_flops_per_clip(cfg: Config) -> float:
     return float(cost["flops"])
 
 
+def step_flops(cfg: Config, encodes_pixels: bool) -> tuple[float, float]:
+    """(the DiT's train FLOPs, the frozen encoder's forward FLOPs) of one step over the global
+    batch; the encoder's are 0 unless the step encodes pixel batches (physics videos, not
+    stored latents)."""
+    encoder = cfg.train.batch_size * encoder_flops_per_clip(cfg) if encodes_pixels else 0.0
+    return train_flops_per_step(cfg), encoder
+
+
 def tokens_per_step(cfg: Config) -> int:
     """Latent tokens processed per step (the D of scaling laws counts these)."""
     return cfg.train.batch_size * cfg.num_tokens()

@@ -9,7 +9,7 @@ import jax
 
 from vdit.config import Config
 from vdit.data.pipeline import fixed_batch
-from vdit.scaling.flops import encoder_flops_per_clip, train_flops_per_step
+from vdit.scaling.flops import step_flops
 from vdit.train.state import count_params
 from vdit.train.throughput import compiled_flops, device_peak
 from vdit.train.trainer import build_trainer
@@ -66,10 +66,7 @@ def bench(cfg: Config, *, steps: int = 10, warmup: int = 2) -> dict:
     step = WarmStep(cfg, warmup)
     times = [step.run() for _ in range(steps)]
     step_s = statistics.median(times)
-    dit_flops = train_flops_per_step(cfg)
-    # A pixel batch runs the frozen encoder inside the step (forward only): count it too.
-    encoder_flops = (cfg.train.batch_size * encoder_flops_per_clip(cfg)
-                     if "video" in step.batch else 0.0)
+    dit_flops, encoder_flops = step_flops(cfg, encodes_pixels="video" in step.batch)
     flops = dit_flops + encoder_flops
     xla_flops = compiled_flops(step.compiled) * jax.device_count()
     peak, peak_src = device_peak(remeasure=True)

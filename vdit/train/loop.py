@@ -18,7 +18,7 @@ from vdit.config import Config, to_dict
 from vdit.data.pipeline import fixed_batch, train_iterator
 from vdit.models.text import physics_tokenizer
 from vdit.parallel.distributed import align_processes, is_primary
-from vdit.scaling.flops import encoder_flops_per_clip, packed_train_flops, train_flops_per_step
+from vdit.scaling.flops import packed_train_flops, step_flops
 from vdit.train.checkpoint import Checkpointer
 from vdit.train.guards import NonFiniteGuard, PreemptionWatch, TrainingStopped
 from vdit.train.metrics import MetricsWriter, plot_losses, read_metrics
@@ -108,10 +108,12 @@ def train(cfg: Config, *, system: System | None = None, log=print) -> dict:
         align_processes("compiled")  # every process compiled: the collectives can start
         # Analytic count for the DiT: XLA's cost analysis counts a scanned layer stack only once.
         # Pixel batches also run the frozen encoder in the step (forward only).
-        encoder_flops = (tc.batch_size * encoder_flops_per_clip(cfg)
-                         if system.kind == "dit" and "video" in host else 0.0)
-        flops = (train_flops_per_step(cfg) + encoder_flops if system.kind == "dit"
-                 else compiled.cost_analysis()["flops"])
+        encoder_flops = 0.0
+        if system.kind == "dit":
+            dit_flops, encoder_flops = step_flops(cfg, encodes_pixels="video" in host)
+            flops = dit_flops + encoder_flops
+        else:
+            flops = compiled.cost_analysis()["flops"]
         peak, peak_src = device_peak()
         peak *= jax.device_count()
         t_, h_, w_, _ = cfg.latent_shape()  # the autoencoder counts latent positions
@@ -183,9 +185,9 @@ def train(cfg: Config, *, system: System | None = None, log=print) -> dict:
                                      mfu=f"{100 * values['mfu']:.1f}%")
             pending = (done, metrics)
             window_steps += 1
-            step_flops, step_tokens = step_work(host)
-            window_flops += step_flops
-            window_tokens += step_tokens
+            batch_flops, batch_tokens = step_work(host)
+            window_flops += batch_flops
+            window_tokens += batch_tokens
             pbar.update(1)
             if done % tc.eval_every == 0 or done == tc.steps:
                 jax.block_until_ready(state)  # this step's time stays in the window
