@@ -185,6 +185,12 @@ def test_train_ae_eval_ae_export_and_a_dit_on_the_trained_latent(tmp_path, capsy
     assert main(["sample", str(tmp_path / "dit"), "--num", "1", "--out",
                  str(tmp_path / "samples")]) == 0
     assert list((tmp_path / "samples").glob("*.mp4"))
+    # ... and resumes: the checkpoint brings the autoencoder back.
+    assert main(["train", str(tmp_path / "dit.yaml"), "train.steps=3"]) == 0
+    _, _, state = load_run(tmp_path / "dit")
+    assert int(state.step) == 3
+    np.testing.assert_array_equal(state.stats["autoencoder"]["encoder"]["stem"]["kernel"],
+                                  ae_params["encoder"]["stem"]["kernel"])
 
 
 def test_config_refuses_frame_counts_the_causal_autoencoder_cannot_take():

@@ -56,6 +56,10 @@ class AutoencoderSystem:
         c = self.cfg.autoencoder.latent_channels
         return {"mean": jnp.zeros((c,), jnp.float32), "std": jnp.ones((c,), jnp.float32)}
 
+    def stats_shapes(self) -> Stats:
+        channels = jax.ShapeDtypeStruct((self.cfg.autoencoder.latent_channels,), jnp.float32)
+        return {"mean": channels, "std": channels}
+
     def latent_stats(self, params: dict, videos: jax.Array) -> Stats:
         """Per-channel mean and std [C] of the posterior means of uint8 videos [B, T, H, W, 3]."""
         lat = self.ae.encode(params["vae"], to_float(videos))

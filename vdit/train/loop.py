@@ -71,7 +71,11 @@ def train(cfg: Config, *, system: System | None = None, log=print) -> dict:
     if primary:
         save_config(run_dir, cfg)
 
-    trainer = build_trainer(cfg, system)
+    align_processes("checkpointer")
+    ckpt = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints,
+                        async_save=tc.async_checkpoint)
+    # Resuming restores the whole state, stats included: build only its target then.
+    trainer = build_trainer(cfg, system, restoring=ckpt.latest_step() is not None)
     system = trainer.system
     state, tokenizer = trainer.state, physics_tokenizer(cfg.text.max_length)
     data_iter = train_iterator(cfg.data, tokenizer, tc.batch_size, shuffle_seed=tc.seed,
@@ -85,9 +89,6 @@ def train(cfg: Config, *, system: System | None = None, log=print) -> dict:
         stats_fn = jax.jit(system.latent_stats, out_shardings=jax.tree.map(
             lambda x: x.sharding, trainer.state.stats))
     writer = MetricsWriter(run_dir, tc.tensorboard, enabled=primary)
-    align_processes("checkpointer")
-    ckpt = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints,
-                        async_save=tc.async_checkpoint)
 
     with trainer.context(), PreemptionWatch() as watch:
         start = 0

@@ -76,21 +76,27 @@ def mesh_and_rules(cfg: Config, devices: list | None = None) -> tuple[Mesh, Rule
     return make_mesh(cfg.mesh, devices), get_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)
 
 
-def restore_target(cfg: Config, system: TextToVideo) -> TrainState:
-    """The abstract, sharded TrainState a DiT checkpoint restores into, built from shapes alone:
-    no data, no autoencoder export and no parameter init are needed (the checkpoint holds the
+def _abstract_state(system: System, tx: optax.GradientTransformation, mesh: Mesh,
+                    rules: Rules) -> TrainState:
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        return abstract_state(system, tx, system.stats_shapes(), mesh, rules)
+
+
+def restore_target(cfg: Config, system: System) -> TrainState:
+    """The abstract, sharded TrainState a checkpoint restores into, built from shapes alone: no
+    data, no autoencoder export and no parameter init are needed (a DiT checkpoint holds the
     frozen autoencoder's params in its stats)."""
     mesh, rules = mesh_and_rules(cfg)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        return abstract_state(system, make_optimizer(cfg.train), system.stats_shapes(), mesh,
-                              rules)
+    return _abstract_state(system, make_optimizer(cfg.train), mesh, rules)
 
 
-def build_trainer(cfg: Config, system: System | None = None,
-                  devices: list | None = None) -> Trainer:
+def build_trainer(cfg: Config, system: System | None = None, devices: list | None = None, *,
+                  restoring: bool = False) -> Trainer:
     """A fresh sharded TrainState (stats from `data.stats_clips` training clips) and the jitted
     step, for `system` (default: the text-to-video DiT). Restoring a checkpoint into
-    `trainer.state` is the caller's choice. The mesh spans `devices` (default: all)."""
+    `trainer.state` is the caller's choice; with `restoring` the state is only its abstract
+    target (`restore_target`), so a resumed run reads neither its stats clips nor its
+    autoencoder export. The mesh spans `devices` (default: all)."""
     mesh, rules = mesh_and_rules(cfg, devices)
     system = system if system is not None else TextToVideo(cfg)
     tx = make_optimizer(cfg.train)
@@ -105,12 +111,16 @@ def build_trainer(cfg: Config, system: System | None = None,
             f"train.batch_size {cfg.train.batch_size} / train.microbatches "
             f"{cfg.train.microbatches} = {per_slice} rows per step cannot be split over the "
             f"{shards} batch shards (mesh data x fsdp); use a multiple of {shards}")
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        clips = fixed_batch(cfg.data, physics_tokenizer(cfg.text.max_length), "train",
-                            cfg.data.stats_clips)
-        # uint8 videos (physics) or stored latents (shards): the system measures either.
-        stats = system.initial_stats(clips["video"] if "video" in clips else clips["latent"])
-        state = create_state(system, tx, cfg.train.seed, stats, mesh, rules)
+    if restoring:
+        state = _abstract_state(system, tx, mesh, rules)
+    else:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            clips = fixed_batch(cfg.data, physics_tokenizer(cfg.text.max_length), "train",
+                                cfg.data.stats_clips)
+            # uint8 videos (physics) or stored latents (shards): the system measures either.
+            stats = system.initial_stats(clips["video"] if "video" in clips
+                                         else clips["latent"])
+            state = create_state(system, tx, cfg.train.seed, stats, mesh, rules)
     shardings = state_shardings(state)
     b_shard = batch_sharding(mesh)
     # Metrics come back replicated: every host can read them (multi-host runs).
