@@ -46,3 +46,19 @@ def test_ab_step_alternates_two_variants_and_reports_the_ratio(tmp_path):
     median = float(re.search(r"B/A: median ([\d.]+)", out).group(1))
     assert median == pytest.approx(ratios[1], abs=1.1e-3)
     assert "B is model.remat=full xla_cpu_prefer_vector_width=256" in out
+
+
+def test_report_splits_the_encoders_flops_and_gives_the_fastest_steps_mfu():
+    from vdit.train.bench import format_report
+
+    r = {"device": "cpu", "devices": 1, "params": 6.2e6, "dtype": "float32", "remat": "none",
+         "scan_layers": False, "compile_s": 4.6, "step_s": 0.2, "step_s_min": 0.16,
+         "tokens_per_s": 1920.0, "tokens_per_step": 384, "flops_per_step": 14.1e9,
+         "dit_flops_per_step": 10.0e9, "encoder_flops_per_step": 4.1e9, "flops_ratio_xla": 0.977,
+         "flops_per_s": 70.5e9, "peak_flops_per_s": 200e9, "peak_source": "measured",
+         "mfu": 0.3525, "peak_memory_bytes": 2**28, "memory_source": "XLA estimate"}
+    report = format_report(r)
+    assert "14.1 GFLOP: DiT 10.0 analytic + frozen encoder 4.1 (97.7 % of XLA's count)" in report
+    assert "MFU           35.2 % (fastest step 44.1 %)" in report
+    r.update(flops_per_step=10.0e9, encoder_flops_per_step=0.0)
+    assert "10.0 GFLOP analytic (" in format_report(r)

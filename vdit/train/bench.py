@@ -103,6 +103,7 @@ def format_report(r: dict) -> str:
         f"FLOPs/step    {r['flops_per_step'] / 1e9:.1f} GFLOP{encoder_note} ({xla_note})",
         f"achieved      {r['flops_per_s'] / 1e9:.1f} GFLOP/s",
         f"peak          {r['peak_flops_per_s'] / 1e9:.1f} GFLOP/s ({r['peak_source']})",
-        f"MFU           {100 * r['mfu']:.1f} %",
+        f"MFU           {100 * r['mfu']:.1f} % (fastest step "
+        f"{100 * r['mfu'] * r['step_s'] / r['step_s_min']:.1f} %)",
         f"peak memory   {r['peak_memory_bytes'] / 2**20:.0f} MiB ({r['memory_source']})",
     ])
