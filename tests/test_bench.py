@@ -12,7 +12,8 @@ from vdit.scaling.flops import train_flops_per_step
 def test_bench_prints_a_json_line_with_measured_figures(tmp_path, capsys):
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(tiny_dict(tmp_path / "run")))
-    assert main(["bench", str(path), "--steps", "3", "--warmup", "1", "--json"]) == 0
+    assert main(["bench", str(path), "--steps", "3", "--warmup", "1", "--runs", "3",
+                 "--json"]) == 0
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     cfg = from_dict(tiny_dict(tmp_path / "run"))
     assert r["flops_per_step"] == pytest.approx(train_flops_per_step(cfg))
@@ -20,6 +21,9 @@ def test_bench_prints_a_json_line_with_measured_figures(tmp_path, capsys):
     assert r["tokens_per_step"] == 4 * cfg.num_tokens()
     assert r["step_s"] > 0 and r["compile_s"] > 0 and r["peak_memory_bytes"] > 0
     assert r["mfu"] == pytest.approx(r["flops_per_s"] / r["peak_flops_per_s"])
+    # Three rounds of three steps: the MFU is the median round's, against one peak.
+    assert len(r["mfu_runs"]) == 3 and r["mfu"] == pytest.approx(sorted(r["mfu_runs"])[1])
+    assert r["mfu_runs"][0] * r["peak_flops_per_s"] <= r["flops_per_step"] / r["step_s_min"]
     assert 0 < r["mfu"] < 1.5
     assert r["peak_source"] == "cpu f32 matmul, measured"
     assert not (tmp_path / "run").exists()  # a benchmark writes no run directory

@@ -102,7 +102,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from vdit.train.bench import bench, format_report
 
     cfg = _load(args.config, args.overrides)
-    result = bench(cfg, steps=args.steps, warmup=args.warmup)
+    result = bench(cfg, steps=args.steps, warmup=args.warmup, runs=args.runs)
     print(json.dumps(result) if args.json else format_report(result))
     return 0
 
@@ -290,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     p.add_argument("--steps", type=POSITIVE, default=10, help="timed steps (median reported)")
     p.add_argument("--warmup", type=NON_NEGATIVE, default=2, help="untimed steps first")
+    p.add_argument("--runs", type=POSITIVE, default=1, help="rounds of --steps steps; step "
+                   "time and MFU are the medians over the rounds (for machines whose speed "
+                   "drifts)")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.set_defaults(func=_cmd_bench)
 

@@ -60,28 +60,40 @@ class WarmStep:
             return time.perf_counter() - t
 
 
-def bench(cfg: Config, *, steps: int = 10, warmup: int = 2) -> dict:
-    """Median step time over `steps` timed steps after `warmup` untimed ones."""
-    device_peak()  # measured before and after the steps (a CPU's peak), the higher one kept
+def bench(cfg: Config, *, steps: int = 10, warmup: int = 2, runs: int = 1) -> dict:
+    """Median step time over `steps` timed steps after `warmup` untimed ones.
+
+    With `runs` > 1 the timed steps repeat in `runs` rounds (one compile), and the step time
+    and MFU are the medians over the rounds: on a machine whose speed drifts (a shared VM) one
+    round can be off by a quarter. A CPU's peak is measured before the steps and after each
+    round; the highest figure is the one every round divides by."""
+    device_peak()
     step = WarmStep(cfg, warmup)
-    times = [step.run() for _ in range(steps)]
-    step_s = statistics.median(times)
+    rounds = []
+    for _ in range(runs):
+        rounds.append([step.run() for _ in range(steps)])
+        peak, peak_src = device_peak(remeasure=True)
+    peak *= jax.device_count()
+    times = [t for r in rounds for t in r]
+    round_s = [statistics.median(r) for r in rounds]
+    step_s = statistics.median(round_s)
     dit_flops, encoder_flops = step_flops(cfg, encodes_pixels="video" in step.batch)
     flops = dit_flops + encoder_flops
+    rates = [flops / t for t in round_s]  # FLOP/s of each round's median step
     xla_flops = compiled_flops(step.compiled) * jax.device_count()
-    peak, peak_src = device_peak(remeasure=True)
-    peak *= jax.device_count()
     memory, memory_src = _peak_memory(step.compiled)
+    tokens = cfg.train.batch_size * cfg.num_tokens()
     return {
         "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
-        "params": count_params(step.state.params), "tokens_per_step": cfg.train.batch_size
-        * cfg.num_tokens(), "step_s": step_s, "step_s_min": min(times),
-        "tokens_per_s": cfg.train.batch_size * cfg.num_tokens() / step_s,
+        "params": count_params(step.state.params), "tokens_per_step": tokens,
+        "step_s": step_s, "step_s_min": min(times), "tokens_per_s": tokens / step_s,
         "flops_per_step": flops, "dit_flops_per_step": dit_flops,
         "encoder_flops_per_step": encoder_flops, "xla_flops_per_step": xla_flops,
         "flops_ratio_xla": flops / xla_flops if xla_flops else float("nan"),
-        "flops_per_s": flops / step_s, "peak_flops_per_s": peak, "peak_source": peak_src,
-        "mfu": flops / step_s / peak, "compile_s": step.compile_s, "peak_memory_bytes": memory,
+        "flops_per_s": statistics.median(rates), "peak_flops_per_s": peak,
+        "peak_source": peak_src, "mfu": statistics.median(rates) / peak,
+        "mfu_runs": [rate / peak for rate in rates],
+        "compile_s": step.compile_s, "peak_memory_bytes": memory,
         "memory_source": memory_src, "scan_layers": cfg.model.scan_layers,
         "dtype": cfg.model.dtype, "remat": cfg.model.remat, "loss": float(step.metrics["loss"]),
     }
@@ -93,17 +105,23 @@ def format_report(r: dict) -> str:
     encoder_note = (f": DiT {r['dit_flops_per_step'] / 1e9:.1f} analytic + frozen encoder "
                     f"{r['encoder_flops_per_step'] / 1e9:.1f}" if r["encoder_flops_per_step"]
                     else " analytic")
+    runs = r.get("mfu_runs", [])
+    runs_note = (f"median of {len(runs)} runs: "
+                 f"{', '.join(f'{100 * m:.1f}' for m in sorted(runs))} %; " if len(runs) > 1
+                 else "")
+    step_note = "median of the runs' medians" if len(runs) > 1 else "median"
     return "\n".join([
         f"device        {r['device']} x {r['devices']}",
         f"model         {r['params'] / 1e6:.1f} M params, {r['dtype']}, remat {r['remat']}, "
         f"scan {r['scan_layers']}",
         f"compile       {r['compile_s']:.1f} s",
-        f"step          {r['step_s'] * 1e3:.1f} ms median (min {r['step_s_min'] * 1e3:.1f} ms)",
+        f"step          {r['step_s'] * 1e3:.1f} ms {step_note} (min "
+        f"{r['step_s_min'] * 1e3:.1f} ms)",
         f"tokens/s      {r['tokens_per_s']:.0f} ({r['tokens_per_step']} tokens/step)",
         f"FLOPs/step    {r['flops_per_step'] / 1e9:.1f} GFLOP{encoder_note} ({xla_note})",
         f"achieved      {r['flops_per_s'] / 1e9:.1f} GFLOP/s",
         f"peak          {r['peak_flops_per_s'] / 1e9:.1f} GFLOP/s ({r['peak_source']})",
-        f"MFU           {100 * r['mfu']:.1f} % (fastest step "
+        f"MFU           {100 * r['mfu']:.1f} % ({runs_note}fastest step "
         f"{100 * r['mfu'] * r['step_s'] / r['step_s_min']:.1f} %)",
         f"peak memory   {r['peak_memory_bytes'] / 2**20:.0f} MiB ({r['memory_source']})",
     ])
