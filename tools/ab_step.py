@@ -21,6 +21,7 @@ import shlex
 import statistics
 
 from vdit import host_allocator
+from vdit.cli import NON_NEGATIVE, POSITIVE
 from vdit.config import load_config
 from vdit.train.bench import WarmStep
 
@@ -46,8 +47,9 @@ def main() -> int:
     parser.add_argument("--b", default="", help='overrides of B only, e.g. "model.remat=dots"')
     parser.add_argument("--b-xla", default="", help='XLA options of B only, e.g. '
                         '"xla_cpu_use_onednn=true xla_cpu_prefer_vector_width=512"')
-    parser.add_argument("--rounds", type=int, default=10, help="timed steps of each variant")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each first")
+    parser.add_argument("--rounds", type=POSITIVE, default=10, help="timed steps of each variant")
+    parser.add_argument("--warmup", type=NON_NEGATIVE, default=2,
+                        help="untimed steps of each first")
     args = parser.parse_args()
     b_overrides, b_xla = shlex.split(args.b), xla_options(args.b_xla)
     if not b_overrides and not b_xla:

@@ -63,9 +63,10 @@ class WarmStep:
 def bench(cfg: Config, *, steps: int = 10, warmup: int = 2, runs: int = 1) -> dict:
     """Median step time over `steps` timed steps after `warmup` untimed ones.
 
-    With `runs` > 1 the timed steps repeat in `runs` rounds (one compile), and the step time
-    and MFU are the medians over the rounds: on a machine whose speed drifts (a shared VM) one
-    round can be off by a quarter. A CPU's peak is measured before the steps and after each
+    With `runs` > 1 the timed steps repeat in `runs` rounds (one compile); the step time is the
+    median of the rounds' medians, and its MFU (for an odd count, the median round's) is what
+    is reported beside each round's: on a machine whose speed drifts (a shared VM) one round
+    can be off by a quarter. A CPU's peak is measured before the steps and after each
     round; the highest figure is the one every round divides by."""
     device_peak()
     step = WarmStep(cfg, warmup)
@@ -79,7 +80,6 @@ def bench(cfg: Config, *, steps: int = 10, warmup: int = 2, runs: int = 1) -> di
     step_s = statistics.median(round_s)
     dit_flops, encoder_flops = step_flops(cfg, encodes_pixels="video" in step.batch)
     flops = dit_flops + encoder_flops
-    rates = [flops / t for t in round_s]  # FLOP/s of each round's median step
     xla_flops = compiled_flops(step.compiled) * jax.device_count()
     memory, memory_src = _peak_memory(step.compiled)
     tokens = cfg.train.batch_size * cfg.num_tokens()
@@ -90,9 +90,8 @@ def bench(cfg: Config, *, steps: int = 10, warmup: int = 2, runs: int = 1) -> di
         "flops_per_step": flops, "dit_flops_per_step": dit_flops,
         "encoder_flops_per_step": encoder_flops, "xla_flops_per_step": xla_flops,
         "flops_ratio_xla": flops / xla_flops if xla_flops else float("nan"),
-        "flops_per_s": statistics.median(rates), "peak_flops_per_s": peak,
-        "peak_source": peak_src, "mfu": statistics.median(rates) / peak,
-        "mfu_runs": [rate / peak for rate in rates],
+        "flops_per_s": flops / step_s, "peak_flops_per_s": peak, "peak_source": peak_src,
+        "mfu": flops / step_s / peak, "mfu_runs": [flops / t / peak for t in round_s],
         "compile_s": step.compile_s, "peak_memory_bytes": memory,
         "memory_source": memory_src, "scan_layers": cfg.model.scan_layers,
         "dtype": cfg.model.dtype, "remat": cfg.model.remat, "loss": float(step.metrics["loss"]),
@@ -122,6 +121,6 @@ def format_report(r: dict) -> str:
         f"achieved      {r['flops_per_s'] / 1e9:.1f} GFLOP/s",
         f"peak          {r['peak_flops_per_s'] / 1e9:.1f} GFLOP/s ({r['peak_source']})",
         f"MFU           {100 * r['mfu']:.1f} % ({runs_note}fastest step "
-        f"{100 * r['mfu'] * r['step_s'] / r['step_s_min']:.1f} %)",
+        f"{100 * r['flops_per_step'] / r['step_s_min'] / r['peak_flops_per_s']:.1f} %)",
         f"peak memory   {r['peak_memory_bytes'] / 2**20:.0f} MiB ({r['memory_source']})",
     ])
