@@ -30,7 +30,8 @@ def families() -> list[str]:
 
 
 def run(name: str) -> None:
-    spec = importlib.util.spec_from_file_location(f"fixtures_{name}", TOOLS / "fixtures" / f"{name}.py")
+    path = TOOLS / "fixtures" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"fixtures_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     out = FIXTURES / name
