@@ -71,7 +71,7 @@ def tiny_run(tmp_path_factory) -> Path:
     from vdit.config import to_dict
     from vdit.data.pipeline import fixed_batch
     from vdit.diffusion.text_to_video import TextToVideo
-    from vdit.train.checkpoint import save_params
+    from vdit.io.checkpoint import save_params
 
     cfg = from_dict(tiny_dict())
     system = TextToVideo(cfg)

@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import tiny_dict
 
 from vdit.config import from_dict
+from vdit.data.physics import physics_tokenizer
 from vdit.data.pipeline import train_iterator
-from vdit.models.text import physics_tokenizer
 from vdit.train.trainer import build_trainer
 
 LAYOUTS = {

@@ -115,8 +115,8 @@ def ae_dict(run_dir) -> dict:
 
 
 def test_training_steps_lower_the_reconstruction_error_with_the_discriminator_on(tmp_path):
+    from vdit.data.physics import physics_tokenizer
     from vdit.data.pipeline import fixed_batch
-    from vdit.models.text import physics_tokenizer
     from vdit.train.autoencoder_system import AutoencoderSystem
     from vdit.train.trainer import build_trainer
 
@@ -164,7 +164,8 @@ def test_train_ae_eval_ae_export_and_a_dit_on_the_trained_latent(tmp_path, capsy
     assert main(["train", str(tmp_path / "dit.yaml")]) == 0
 
     # Stats travel with the DiT: they are the autoencoder's, and so are its params.
-    from vdit.train.run_dir import load_autoencoder, load_run
+    from vdit.io.run_dir import load_autoencoder
+    from vdit.train.trainer import load_run
 
     _, ae_params, ae_stats = load_autoencoder(tmp_path / "ae_export")
     _, _, state = load_run(tmp_path / "dit")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from vdit.config import ConfigError, load_config
-from vdit.train.run_dir import load_autoencoder, resolve_autoencoder_path
+from vdit.io.run_dir import load_autoencoder, resolve_autoencoder_path
 
 # The default at a tiny DiT: the same autoencoder, world and latent, a model that compiles fast.
 TINY_DIT = ["model.width=32", "model.depth=1", "model.heads=2", "text.width=16", "text.depth=1",
@@ -18,7 +18,7 @@ TINY_DIT = ["model.width=32", "model.depth=1", "model.heads=2", "text.width=16",
 
 def test_the_default_names_the_shipped_vae_and_finds_it_from_any_directory(tmp_path,
                                                                            monkeypatch):
-    from vdit.export.safetensors_io import is_export
+    from vdit.io.safetensors_io import is_export
 
     cfg = load_config()
     assert cfg.autoencoder.kind == "causal_vae"

@@ -10,9 +10,9 @@ import yaml
 from conftest import tiny_dict
 
 from vdit.cli import main
-from vdit.export.safetensors_io import ExportError, read_export
+from vdit.io.safetensors_io import ExportError, read_export
 from vdit.sample.generate import generate
-from vdit.train.run_dir import load_for_sampling
+from vdit.sample.loading import load_for_sampling
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,7 @@ def _cfg(run_dir: Path, **train):
 
 
 def _final_params(run_dir: Path):
-    from vdit.train.run_dir import load_run
+    from vdit.train.trainer import load_run
 
     return load_run(run_dir)[2].params
 
@@ -171,7 +171,7 @@ def test_random_bytes_as_a_video_file_give_a_clean_error(tmp_path_factory, data)
 def test_a_failed_save_keeps_the_previous_checkpoint_and_stops_cleanly(tmp_path, monkeypatch):
     import errno
 
-    from vdit.train.checkpoint import Checkpointer
+    from vdit.io.checkpoint import Checkpointer
 
     real_save = Checkpointer.save
 

@@ -6,12 +6,13 @@ import pytest
 from conftest import tiny_dict
 
 from vdit.config import AutoencoderConfig, ConfigError, TextConfig, from_dict
+from vdit.data.physics import physics_tokenizer
 from vdit.diffusion.text_to_video import TextToVideo
 from vdit.models.autoencoder import SpaceToDepth
 from vdit.models.dit import DiT, DiTBlock
 from vdit.models.patch import grid_positions, patchify, unpatchify
 from vdit.models.rope import apply_rope, rope_angles, split_head_dim
-from vdit.models.text import BOS, PAD, physics_tokenizer
+from vdit.models.text import BOS, PAD
 from vdit.scaling.flops import forward_breakdown
 
 

@@ -17,11 +17,11 @@ from vdit.config import ConfigError, from_dict, load_config
 from vdit.scaling.family import family_config, size_multiplier
 from vdit.scaling.fit import fit_rows
 from vdit.scaling.flops import per_token_params, train_flops_per_step
+from vdit.scaling.ledger import read_ledger
 from vdit.scaling.sweep import (
     GridError,
     grid_points,
     load_grid,
-    read_ledger,
     register,
     run_sweep,
 )

@@ -261,12 +261,12 @@ def test_training_on_shards_resumes_the_exact_stream(tmp_path):
     """`data.source: shards` through the real loop: a run stopped at step 2 and resumed saves
     at step 4 the iterator state of an uninterrupted stream that has given 4 batches."""
     from vdit.config import from_dict
+    from vdit.data.physics import physics_tokenizer
     from vdit.data.pipeline import train_iterator
-    from vdit.models.text import physics_tokenizer
-    from vdit.train.checkpoint import Checkpointer
+    from vdit.io.checkpoint import Checkpointer
     from vdit.train.loop import train
     from vdit.train.metrics import read_metrics
-    from vdit.train.run_dir import load_run
+    from vdit.train.trainer import load_run
 
     d = _physics_shards(tmp_path)
     for steps in (2, 4):  # stop at 2, resume to 4

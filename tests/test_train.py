@@ -6,7 +6,7 @@ import pytest
 
 from vdit.data.pipeline import clip_seed, fixed_batch, train_iterator
 from vdit.diffusion.text_to_video import TextToVideo
-from vdit.train.checkpoint import Checkpointer
+from vdit.io.checkpoint import Checkpointer
 from vdit.train.state import create_state
 from vdit.train.step import train_step
 from vdit.train.trainer import build_trainer

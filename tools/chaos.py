@@ -63,7 +63,7 @@ def _fingerprint(run_dir: Path) -> tuple[str, list[float]]:
     import jax
     import numpy as np
 
-    from vdit.train.run_dir import load_run
+    from vdit.train.trainer import load_run
 
     state = load_run(run_dir)[2]
     digest = hashlib.sha256()

@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from vdit.config import load_from_command_line
+
 
 def _setup_jax() -> None:
     """Persistent compilation cache: a second process skips most compile time."""
@@ -16,17 +18,6 @@ def _setup_jax() -> None:
     if cache:
         jax.config.update("jax_compilation_cache_dir", cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
-def _load(config: str | None, overrides: list[str]):
-    from vdit.config import load_config
-
-    overrides = list(overrides)
-    # `vdit train model.depth=6` (no file): overrides on the embedded default.
-    if config is not None and "=" in config and not Path(config).exists():
-        overrides.insert(0, config)
-        config = None
-    return load_config(config, overrides)
 
 
 def _join_cluster() -> None:
@@ -40,7 +31,7 @@ def _join_cluster() -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     from vdit.train.loop import train
 
-    cfg = _load(args.config, args.overrides)
+    cfg = load_from_command_line(args.config, args.overrides)
     _join_cluster()
     train(cfg)
     return 0
@@ -55,7 +46,7 @@ def _cmd_train_ae(args: argparse.Namespace) -> int:
     if config is None or ("=" in config and not Path(config).exists()):
         args.overrides = ([config] if config else []) + list(args.overrides)
         config = str(AUTOENCODER_CONFIG)
-    cfg = _load(config, args.overrides)
+    cfg = load_from_command_line(config, args.overrides)
     _join_cluster()
     train(cfg, system=AutoencoderSystem(cfg))
     return 0
@@ -101,7 +92,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     from vdit.train.bench import bench, format_report
 
-    cfg = _load(args.config, args.overrides)
+    cfg = load_from_command_line(args.config, args.overrides)
     result = bench(cfg, steps=args.steps, warmup=args.warmup, runs=args.runs)
     print(json.dumps(result) if args.json else format_report(result))
     return 0
@@ -109,7 +100,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _cmd_sample(args: argparse.Namespace) -> int:
     from vdit.sample.generate import Marking, default_key, free_samples_dir, sample_run
-    from vdit.train.run_dir import load_for_sampling
+    from vdit.sample.loading import load_for_sampling
 
     if args.no_watermark:
         print("WARNING: --no-watermark: these videos carry NO invisible watermark and cannot be "
@@ -187,7 +178,7 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
     from vdit.data.buckets import parse_buckets
     from vdit.data.tokenize import TokenizeOptions, tokenize
 
-    cfg = _load(args.config, args.overrides)
+    cfg = load_from_command_line(args.config, args.overrides)
     world = cfg.data.world  # default bucket: the clip shape this config trains on
     try:
         buckets = parse_buckets(args.buckets or f"{world.frames}x{world.height}x{world.width}")
@@ -235,6 +226,9 @@ POSITIVE, NON_NEGATIVE, POSITIVE_FLOAT = _number(int, 1), _number(int, 0), _numb
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vdit", description="Text-to-video diffusion "
                                      "transformers on JAX.")
+    from vdit import __version__
+
+    parser.add_argument("--version", action="version", version=f"vdit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a text-to-video DiT (resumes automatically)")
@@ -377,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
 
         host_allocator.ensure()
     from vdit.config import ConfigError
-    from vdit.export.safetensors_io import ExportError
+    from vdit.io.safetensors_io import ExportError
     from vdit.parallel.distributed import DistributedError
     from vdit.train.guards import TrainingStopped
 

@@ -10,9 +10,12 @@ from vdit.config.loading import (
     DEFAULT_CONFIG,
     diff,
     dump_yaml,
+    find_config_file,
     from_dict,
     load_config,
+    load_from_command_line,
     parse_overrides,
+    shipped_path,
     to_dict,
 )
 from vdit.config.sections import (
@@ -30,5 +33,5 @@ from vdit.config.sections import (
 
 __all__ = ["AUTOENCODER_CONFIG", "DEFAULT_CONFIG", "AutoencoderConfig", "Config", "ConfigError",
            "DataConfig", "DiffusionConfig", "MeshConfig", "ModelConfig", "SampleConfig",
-           "TextConfig", "TrainConfig", "diff", "dump_yaml", "from_dict", "load_config",
-           "parse_overrides", "to_dict"]
+           "TextConfig", "TrainConfig", "diff", "dump_yaml", "find_config_file", "from_dict",
+           "load_config", "load_from_command_line", "parse_overrides", "shipped_path", "to_dict"]

@@ -15,8 +15,32 @@ import yaml
 
 from vdit.config.sections import Config, ConfigError
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "experiments" / "default.yaml"
-AUTOENCODER_CONFIG = DEFAULT_CONFIG.with_name("autoencoder.yaml")  # `vdit train-ae` default
+
+def shipped_path(relative: str | Path) -> Path:
+    """Where a file shipped with vdit lives (`experiments/default.yaml`,
+    `checkpoints/autoencoder-4x8x8`): in an installed wheel, the package's data
+    (`vdit/_shipped/`, copied there by setup.py's build); in a source checkout, the checkout."""
+    from importlib.resources import files
+
+    packaged = Path(str(files("vdit"))) / "_shipped" / relative
+    if packaged.exists():
+        return packaged
+    return Path(__file__).resolve().parents[2] / relative
+
+
+def find_config_file(path: str | Path) -> Path:
+    """A config path as the user gave it (absolute, or relative to the working directory); a
+    relative path found in neither place is looked up among the shipped configs, so
+    `vdit train experiments/bench_cpu.yaml` works from any directory and from a wheel."""
+    given = Path(path).expanduser()
+    if given.is_file() or given.is_absolute():
+        return given
+    shipped = shipped_path(given)
+    return shipped if shipped.is_file() else given
+
+
+DEFAULT_CONFIG = shipped_path("experiments/default.yaml")
+AUTOENCODER_CONFIG = shipped_path("experiments/autoencoder.yaml")  # `vdit train-ae` default
 
 
 def _describe(tp: Any) -> str:
@@ -153,7 +177,7 @@ def from_dict(data: dict) -> Config:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """YAML file (default: experiments/default.yaml) + dotted overrides -> validated Config."""
-    path = Path(path) if path is not None else DEFAULT_CONFIG
+    path = find_config_file(path) if path is not None else DEFAULT_CONFIG
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
@@ -163,6 +187,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     return from_dict(_merge(data, parse_overrides(overrides or [])))
+
+
+def load_from_command_line(config: str | None, overrides: list[str]) -> Config:
+    """`vdit train [CONFIG] [key=value ...]`: a first argument that is an override and not a
+    file (`vdit train model.depth=6`) is an override on the embedded default."""
+    overrides = list(overrides)
+    if config is not None and "=" in config and not find_config_file(config).exists():
+        overrides.insert(0, config)
+        config = None
+    return load_config(config, overrides)
 
 
 def to_dict(config: Any) -> dict:

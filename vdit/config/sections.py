@@ -8,7 +8,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from vdit.data.physics import WorldConfig
+from vdit.config.world import WorldConfig
 from vdit.parallel.rules import MESH_AXES, RULE_TABLES, axes_used, get_rules
 
 

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from vdit.config import Config, ConfigError
 from vdit.data.buckets import Bucket, SkipClip, prepare_clip
+from vdit.data.physics import physics_tokenizer
 from vdit.data.shards import (
     DTYPES,
     ClipRecord,
@@ -34,7 +35,6 @@ from vdit.data.shards import (
     write_shard,
 )
 from vdit.models.autoencoder import make_autoencoder
-from vdit.models.text import physics_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class BatchEncoder:
         self.params: dict = {}
         if self.cfg.kind == "causal_vae":
             from vdit.diffusion.text_to_video import check_autoencoder_matches
-            from vdit.train.run_dir import load_autoencoder
+            from vdit.io.run_dir import load_autoencoder
 
             ae_cfg, self.params, _ = load_autoencoder(self.cfg.checkpoint)
             check_autoencoder_matches(self.cfg, ae_cfg.autoencoder)

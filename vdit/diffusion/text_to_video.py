@@ -15,12 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from vdit.config import Config
+from vdit.data.physics import physics_tokenizer
 from vdit.diffusion.flow import noisy, resolve_shift, sample_time, velocity_loss
 from vdit.diffusion.sampler import sample_ode
 from vdit.models.autoencoder import make_autoencoder
 from vdit.models.dit import DiT
 from vdit.models.patch import token_grid
-from vdit.models.text import null_tokens_like, physics_tokenizer
+from vdit.models.text import null_tokens_like
 
 Stats = dict[str, Any]
 
@@ -65,7 +66,7 @@ class TextToVideo:
         `autoencoder.checkpoint`, or measured for the parameter-free stand-in on uint8 videos
         [B, T, H, W, 3] or on already encoded latents [B, T', H', W', C] (shards)."""
         if self.cfg.autoencoder.kind == "causal_vae":
-            from vdit.train.run_dir import load_autoencoder
+            from vdit.io.run_dir import load_autoencoder
 
             ae_cfg, params, stats = load_autoencoder(self.cfg.autoencoder.checkpoint)
             check_autoencoder_matches(self.cfg.autoencoder, ae_cfg.autoencoder)

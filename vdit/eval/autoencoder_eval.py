@@ -11,17 +11,18 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from vdit.data.physics import physics_tokenizer
 from vdit.data.pipeline import fixed_batch
 from vdit.data.video_io import write_gif
-from vdit.models.text import physics_tokenizer
+from vdit.io.run_dir import load_autoencoder
 from vdit.train.autoencoder_system import AutoencoderSystem, side_by_side
-from vdit.train.run_dir import load_autoencoder
 
 
 def evaluate_autoencoder(path: str | Path, *, clips: int = 64, batch: int = 8,
                          out: str | Path | None = None) -> dict:
     """PSNR / SSIM (mean, min) of the EMA autoencoder on the first `clips` eval-split clips of
-    its own physics world; writes eval_ae.json and eval_ae.gif to `out` (default: `path`)."""
+    its own physics world; writes eval_ae.json and eval_ae.gif to `out` (default: `path`; for
+    an autoencoder shipped with vdit, found outside the working directory, `./eval-ae-NAME`)."""
     cfg, params, _ = load_autoencoder(path)
     system = AutoencoderSystem(cfg)
     params = {"vae": jax.tree.map(jnp.asarray, params)}
@@ -44,7 +45,10 @@ def evaluate_autoencoder(path: str | Path, *, clips: int = 64, batch: int = 8,
         "ssim": float(np.mean(ssims)), "ssim_min": float(np.min(ssims)),
         "seconds": round(seconds, 2),
     }
-    out = Path(out) if out is not None else Path(path)
+    if out is None:
+        shipped = not Path(path).exists()  # resolved among vdit's shipped files: never write there
+        out = Path(f"eval-ae-{Path(path).name}") if shipped else Path(path)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval_ae.json").write_text(json.dumps(result, indent=2))
     write_gif(out / "eval_ae.gif", side_by_side(system, params, videos[:4]), w.fps)

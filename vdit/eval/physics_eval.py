@@ -22,7 +22,7 @@ from tqdm import tqdm
 from vdit.config import Config, ConfigError
 from vdit.data.physics import Clip, WorldConfig, make_caption, simulate
 from vdit.data.pipeline import clip_seed
-from vdit.eval.physics_metrics import clip_metrics
+from vdit.eval.physics_metrics import clip_metrics, split_mean
 from vdit.eval.tracker import track
 
 SOURCES = ("ground truth", "autoencoder", "model")
@@ -113,7 +113,7 @@ def evaluate_run(run_dir: str | Path, *, clips: int = 8, context_frames: int | N
     """(result, traces) for one DiT run: result is the JSON table; traces holds, per split,
     the clips and the model's tracks for plotting."""
     from vdit.sample.continuation import continue_videos, describe_method, video_frames_for
-    from vdit.train.run_dir import load_for_sampling
+    from vdit.sample.loading import load_for_sampling
 
     run_dir = Path(run_dir)
     if clips < 1:
@@ -194,7 +194,7 @@ def _training_cost(run_dir: Path, cfg: Config, step: int) -> tuple[float, int]:
     """(training FLOPs, parameters) of a run: its sweep ledger row, else the analytic count
     x steps and the parameters counted from shapes."""
     from vdit.scaling.flops import train_flops_per_step
-    from vdit.scaling.sweep import count_params, read_ledger
+    from vdit.scaling.ledger import count_params, read_ledger
 
     ledger = run_dir.parent / "ledger.jsonl"
     if ledger.exists():
@@ -202,14 +202,6 @@ def _training_cost(run_dir: Path, cfg: Config, step: int) -> tuple[float, int]:
             if Path(row["run_dir"]).name == run_dir.name:
                 return float(row["flops"]), int(row["params"])
     return train_flops_per_step(cfg) * step, count_params(cfg)
-
-
-def split_mean(result: dict, source: str, ood: bool, key: str) -> float:
-    """A metric of one source, in-distribution or averaged over the out-of-distribution
-    splits (those with data)."""
-    vals = [r[key] for r in result["rows"] if r["source"] == source
-            and (r["split"] != "in_distribution") == ood and np.isfinite(r[key])]
-    return float(np.mean(vals)) if vals else float("nan")
 
 
 def format_compute_table(results: list[dict]) -> str:

@@ -200,3 +200,11 @@ def clip_metrics(tracks: Tracks, clip: Clip, start: int, height: int, fps: float
         "reemergence_errors": re_err, "reemergence_missed": re_missed,
         "energy_errors": energy,
     }
+
+
+def split_mean(result: dict, source: str, ood: bool, key: str) -> float:
+    """A metric of one source, in-distribution or averaged over the out-of-distribution
+    splits (those with data)."""
+    vals = [r[key] for r in result["rows"] if r["source"] == source
+            and (r["split"] != "in_distribution") == ood and np.isfinite(r[key])]
+    return float(np.mean(vals)) if vals else float("nan")

@@ -86,7 +86,7 @@ def plot_vs_compute(results: list[dict], path: Path) -> Path:
     """Model error against training FLOPs, one colour per model size (the run name's prefix
     before '-'): in-distribution solid, out-of-distribution splits' mean dashed; the ground
     truth and autoencoder rows of the first run as grey reference lines."""
-    from vdit.eval.physics_eval import split_mean as value
+    from vdit.eval.physics_metrics import split_mean as value
 
     plt = _plt()
     fig, axes = plt.subplots(2, 3, figsize=(13, 7), dpi=110)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from vdit import config as config_lib
-from vdit.export.safetensors_io import seal, write_export
-from vdit.train.checkpoint import Checkpointer
+from vdit.io.checkpoint import Checkpointer
+from vdit.io.safetensors_io import seal, write_export
 
 ROUTES = ("safetensors", "stablehlo", "params")
 
@@ -42,7 +42,8 @@ def export_run(run_dir: str | Path, *, to: str = "safetensors", out: str | Path 
     info = {"kind": kind, "config": config_lib.to_dict(cfg), "step": int(state["step"]),
             "weights": "raw" if raw else "ema"}
     if kind == "dit":  # what turns a caption into the tokens the weights were trained on
-        from vdit.models.text import BOS, PAD, UNK, physics_tokenizer
+        from vdit.data.physics import physics_tokenizer
+        from vdit.models.text import BOS, PAD, UNK
 
         tok = physics_tokenizer(cfg.text.max_length)
         info["tokenizer"] = {"kind": "words", "pattern": "[a-z]+ after lower-casing",
@@ -50,7 +51,7 @@ def export_run(run_dir: str | Path, *, to: str = "safetensors", out: str | Path 
                              "words": list(tok.words)}
     tensors = {"params": params, "stats": state["stats"]}
     if to == "params":
-        from vdit.train.checkpoint import save_params
+        from vdit.io.checkpoint import save_params
 
         return save_params(out, tensors, info)
     write_export(out, tensors, info)

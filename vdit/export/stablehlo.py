@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from vdit.diffusion.text_to_video import TextToVideo
-from vdit.export.safetensors_io import read_export
+from vdit.io.safetensors_io import read_export
 from vdit.models.text import BOS, PAD, UNK
 
 PROGRAM, TOKENIZER = "sampler.stablehlo", "tokenizer.json"

@@ -56,12 +56,6 @@ class WordTokenizer:
         return " ".join(self.words[i] for i in ids if i > UNK)
 
 
-def physics_tokenizer(max_length: int) -> WordTokenizer:
-    from vdit.data.physics import VOCABULARY
-
-    return WordTokenizer(VOCABULARY, max_length)
-
-
 def null_tokens_like(tokens: jax.Array) -> jax.Array:
     """The empty caption (BOS only) in the shape of `tokens` [B, S]: caption dropout and the
     unconditional branch of guidance."""

@@ -16,42 +16,7 @@ import re
 from dataclasses import dataclass
 
 from vdit.config import ConfigError
-from vdit.train.throughput import PEAK_BF16
-
-GIB = 2**30
-
-
-@dataclass(frozen=True)
-class Generation:
-    """One accelerator generation: how names count it and what one chip has."""
-
-    name: str  # as written in a target name: v5p, H100
-    platform: str  # tpu | gpu
-    device_kind: str  # JAX's device_kind (key of throughput.PEAK_BF16)
-    hbm_bytes: float  # per chip
-    dims: int = 0  # TPU torus dimensions (2 or 3)
-    cores_per_chip: int = 1  # how the accelerator-type number counts chips
-    chip_config: str = "default"  # libtpu chip config (v4 needs megacore: 1 device per chip)
-    libtpu_name: str = ""  # the generation as libtpu's topology names spell it
-    cloud_name: str = ""  # ... and as Cloud TPU accelerator types (gcloud, xpk) spell it
-
-    @property
-    def peak_flops(self) -> float:
-        return PEAK_BF16[self.device_kind]
-
-
-# HBM per chip. Cloud TPU's "GB" are binary: a v5p reports a 95 GiB limit, and libtpu's
-# compiler gives a v5e 15.75 GiB of its 16. NVIDIA's "80 GB" / "141 GB" as the devices report
-# them, in MiB.
-GENERATIONS = {g.name: g for g in (
-    Generation("v4", "tpu", "TPU v4", 32 * GIB, 3, 2, "megacore", "v4", "v4"),
-    Generation("v5p", "tpu", "TPU v5p", 95 * GIB, 3, 2, "default", "v5p", "v5p"),
-    Generation("v5e", "tpu", "TPU v5e", 16 * GIB, 2, 1, "default", "v5e", "v5litepod"),
-    Generation("v6e", "tpu", "TPU v6e", 32 * GIB, 2, 1, "default", "v6e", "v6e"),
-    Generation("H100", "gpu", "H100", 81559 * 2**20),  # H100 SXM 80 GB
-    Generation("H200", "gpu", "H200", 143771 * 2**20),  # H200 SXM 141 GB
-)}
-ALIASES = {"v5litepod": "v5e"}  # Cloud TPU's name for v5e slices
+from vdit.parallel.hardware import ALIASES, GENERATIONS, Generation
 
 TPU_EXAMPLES = ("v4-8", "v4-128", "v5p-8", "v5p-64", "v5e-16", "v5e-256", "v6e-8", "v6e-256",
                 "2xv5p-64")

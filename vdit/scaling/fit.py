@@ -299,7 +299,7 @@ def fit_rows(rows: list[dict], *, n_boot: int = 200, seed: int = 0, ci: float = 
 def fit_ledger(ledger_path: str | Path, out_dir: str | Path, *, n_boot: int = 200,
                seed: int = 0, starts: np.ndarray | str = "full", top: int | None = 64) -> dict:
     """Fit a ledger; write OUT_DIR/fit.json, the plots and a copy of the ledger."""
-    from vdit.scaling.sweep import read_ledger
+    from vdit.scaling.ledger import read_ledger
 
     ledger_path, out_dir = Path(ledger_path), Path(out_dir)
     rows = read_ledger(ledger_path)

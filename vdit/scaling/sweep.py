@@ -13,7 +13,6 @@ import argparse
 import difflib
 import json
 import math
-import os
 import shlex
 import string
 import sys
@@ -27,6 +26,7 @@ import yaml
 from vdit.config import Config, ConfigError, from_dict, parse_overrides
 from vdit.scaling.family import family_overrides, size_label, size_multiplier
 from vdit.scaling.flops import per_token_params, train_flops_per_step
+from vdit.scaling.ledger import append_row, checkpoint_steps, count_params, read_ledger
 from vdit.train.metrics import read_metrics
 
 GRID_KEYS = ("base", "overrides", "family", "sizes", "budgets_flops", "out_dir", "launch",
@@ -282,36 +282,8 @@ def launch_command(grid: Grid, point: Point, config_path: Path | str) -> str:
 # --- ledger -------------------------------------------------------------------------------
 
 
-def read_ledger(path: str | Path) -> list[dict]:
-    """Rows of a ledger.jsonl; a torn last line (a process killed mid-write) is ignored."""
-    return read_metrics(path)
-
-
-def _append(path: Path, row: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def checkpoint_steps(run_dir: Path) -> list[int]:
-    """Committed checkpoint steps (orbax renames a finished save to its step number)."""
-    ckpt = run_dir / "checkpoints"
-    return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.is_dir() else []
-
-
 def is_finished(point: Point) -> bool:
     return point.steps in checkpoint_steps(point.run_dir)
-
-
-def count_params(cfg: Config) -> int:
-    """All parameters of the system (DiT + text encoder), from shapes only."""
-    import jax
-
-    from vdit.diffusion.text_to_video import TextToVideo
-
-    shapes = jax.eval_shape(TextToVideo(cfg).init, jax.random.key(0))
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
 
 
 def ledger_row(point: Point, wall_s: float | None, resumed_from: int | None) -> dict:
@@ -395,7 +367,7 @@ def run_sweep(grid_path: str | Path, print_launch: bool = False, *, log=print) -
             wall = time.perf_counter() - t0
             marker.write_text(json.dumps({"wall_s": wall, "resumed_from_step": resumed_from}))
             row = ledger_row(point, wall, resumed_from)
-        _append(ledger_path, row)
+        append_row(ledger_path, row)
         done[point.name] = row
         rows.append(row)
     bar.close()

@@ -15,14 +15,14 @@ import numpy as np
 from tqdm import tqdm
 
 from vdit.config import Config, to_dict
+from vdit.data.physics import physics_tokenizer
 from vdit.data.pipeline import fixed_batch, train_iterator
-from vdit.models.text import physics_tokenizer
+from vdit.io.checkpoint import Checkpointer
+from vdit.io.run_dir import check_resume_compatible, save_config
 from vdit.parallel.distributed import align_processes, is_primary
 from vdit.scaling.flops import packed_train_flops, step_flops
-from vdit.train.checkpoint import Checkpointer
 from vdit.train.guards import NonFiniteGuard, PreemptionWatch, TrainingStopped
 from vdit.train.metrics import MetricsWriter, plot_losses, read_metrics
-from vdit.train.run_dir import check_resume_compatible, save_config
 from vdit.train.state import System, TrainState, count_params
 from vdit.train.throughput import device_peak
 from vdit.train.trainer import build_trainer

@@ -73,10 +73,10 @@ def format_plan(r: dict) -> str:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from vdit.cli import _load
+    from vdit.config import load_from_command_line
     from vdit.train.plan import plan
 
-    cfg = _load(args.config, args.overrides)
+    cfg = load_from_command_line(args.config, args.overrides)
     result = plan(cfg, args.topology, mfu=args.mfu)
     print(json.dumps(result) if args.json else format_plan(result))
     if not result["fits"]:

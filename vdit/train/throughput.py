@@ -7,18 +7,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-# Published dense bf16 peak FLOP/s per chip (vendor datasheets).
-PEAK_BF16 = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,  # v5e
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v5": 459e12,
-    "TPU v6 lite": 918e12,  # v6e (Trillium)
-    "TPU v6e": 918e12,
-    "H100": 989e12,  # SXM, dense
-    "H200": 989e12,
-}
+from vdit.parallel.hardware import PEAK_BF16
 
 _measured_cpu_peak: float | None = None
 

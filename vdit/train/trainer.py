@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -15,9 +16,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vdit.config import Config, ConfigError
+from vdit.data.physics import physics_tokenizer
 from vdit.data.pipeline import fixed_batch
 from vdit.diffusion.text_to_video import TextToVideo
-from vdit.models.text import physics_tokenizer
 from vdit.parallel.mesh import batch_sharding, batch_shards, make_mesh
 from vdit.parallel.rules import Rules, get_rules
 from vdit.train.state import (
@@ -130,3 +131,22 @@ def build_trainer(cfg: Config, system: System | None = None, devices: list | Non
                       donate_argnums=0)
     eval_fn = jax.jit(partial(eval_step, system=system), out_shardings=replicated)
     return Trainer(cfg, mesh, rules, system, tx, state, b_shard, step_fn, eval_fn)
+
+
+def load_run(run_dir: str | Path,
+             step: int | None = None) -> tuple[Config, TextToVideo, TrainState]:
+    """Config, system and restored TrainState of a run directory (the newest readable checkpoint
+    by default), restored into shapes alone: the run's data and autoencoder export need not
+    exist anymore."""
+    from vdit.io.checkpoint import Checkpointer
+    from vdit.io.run_dir import run_config
+
+    cfg = run_config(run_dir)
+    ckpt = Checkpointer(Path(run_dir) / "checkpoints", async_save=False)
+    if ckpt.latest_step() is None:
+        raise FileNotFoundError(f"{run_dir} has no checkpoint yet")
+    system = TextToVideo(cfg)
+    state, _ = ckpt.restore(restore_target(cfg, system), step)
+    ckpt.close()
+    return cfg, system, state
+

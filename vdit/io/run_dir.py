@@ -1,4 +1,11 @@
-"""A run directory: resolved config.yaml, checkpoints/, metrics.jsonl, samples/."""
+"""Run directories and trained weights, read without the jobs that wrote them.
+
+A run directory holds the resolved `config.yaml`, `checkpoints/` (orbax), `metrics.jsonl` and
+`samples/`. This module reads and writes its config, and loads the weights that sampling,
+evaluation and tokenizing need: a DiT's (from a run, a safetensors export or a param-only
+checkpoint) and a trained autoencoder's. Building the system that runs the weights is the
+caller's job (`vdit.sample.loading.load_for_sampling` for a DiT).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +13,8 @@ from pathlib import Path
 
 from vdit import config as config_lib
 from vdit.config import Config, ConfigError
-from vdit.diffusion.text_to_video import TextToVideo
-from vdit.train.checkpoint import Checkpointer
-from vdit.train.state import TrainState
-from vdit.train.trainer import restore_target
+from vdit.io.checkpoint import Checkpointer, is_params_checkpoint, load_params
+from vdit.io.safetensors_io import ExportError, flat_leaves, is_export, read_export
 
 # Keys that may change when a run is resumed; anything else would silently change the experiment.
 RESUMABLE_KEYS = (
@@ -40,50 +45,42 @@ def save_config(run_dir: Path, cfg: Config) -> None:
     tmp.replace(run_dir / "config.yaml")
 
 
-def load_run(
-    run_dir: str | Path, step: int | None = None
-) -> tuple[Config, TextToVideo, TrainState]:
-    """Config, system and restored TrainState of a run directory (latest checkpoint by default)."""
+def run_config(run_dir: str | Path) -> Config:
+    """The resolved config of a run directory; a folder that is not one is named."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
         raise FileNotFoundError(f"{run_dir} is not a vdit run directory (no config.yaml)")
-    cfg = config_lib.load_config(run_dir / "config.yaml")
-    ckpt = Checkpointer(run_dir / "checkpoints", async_save=False)
-    if ckpt.latest_step() is None:
-        raise FileNotFoundError(f"{run_dir} has no checkpoint yet")
-    system = TextToVideo(cfg)
-    # Restored into shapes alone: the run's data and autoencoder export need not exist anymore.
-    state, _ = ckpt.restore(restore_target(cfg, system), step)
-    ckpt.close()
-    return cfg, system, state
+    return config_lib.load_config(run_dir / "config.yaml")
 
 
-def load_for_sampling(path: str | Path, step: int | None = None, raw: bool = False):
-    """(config, system, params, stats, step) of a DiT run directory, a safetensors export or a
-    param-only checkpoint: what `vdit sample` needs. Exports hold the params they were made with
-    (EMA or raw)."""
-    from vdit.export.safetensors_io import is_export, read_export
-    from vdit.train.checkpoint import is_params_checkpoint, load_params
-
+def load_dit_weights(path: str | Path, step: int | None = None,
+                     raw: bool = False) -> tuple[Config, dict, dict, int]:
+    """(config, params, stats, step) of a DiT run directory (EMA params unless `raw`; the
+    newest readable checkpoint unless `step`), a safetensors export or a param-only checkpoint
+    (which hold the params they were made with). Arrays come back whole, on one device."""
     path = Path(path)
     if is_export(path) or is_params_checkpoint(path):
         tensors, info = read_export(path) if is_export(path) else load_params(path)
         if info.get("kind") != "dit":
             raise ConfigError(f"{path} exports a {info.get('kind')!r}, not a text-to-video DiT")
         cfg = config_lib.from_dict(info["config"])
-        system = TextToVideo(cfg)
-        check_params_match(system.init, tensors["params"], path)
-        return cfg, system, tensors["params"], tensors["stats"], int(info["step"])
-    cfg, system, state = load_run(path, step)
-    return cfg, system, state.params if raw else state.ema_params, state.stats, int(state.step)
+        return cfg, tensors["params"], tensors["stats"], int(info["step"])
+    cfg = run_config(path)
+    ckpt = Checkpointer(path / "checkpoints", async_save=False)
+    if ckpt.latest_step() is None:
+        raise FileNotFoundError(f"{path} has no checkpoint yet")
+    state, _ = ckpt.restore(None, step)
+    ckpt.close()
+    if "vae" in state["params"]:
+        raise ConfigError(f"{path} is an autoencoder run, not a text-to-video DiT run")
+    params = state["params"] if raw else state["ema_params"]
+    return cfg, params, state["stats"], int(state["step"])
 
 
 def check_params_match(init, params: dict, where: Path) -> None:
     """Refuse weights whose names or shapes differ from those `init(key)["params"]` makes."""
     import flax.linen as nn
     import jax
-
-    from vdit.export.safetensors_io import ExportError, flat_leaves
 
     abstract = nn.unbox(jax.eval_shape(init, jax.random.key(0)))["params"]
     expected = {k: tuple(v.shape) for k, v in flat_leaves(abstract).items()}
@@ -102,9 +99,9 @@ def check_params_match(init, params: dict, where: Path) -> None:
 def resolve_autoencoder_path(path: str | Path) -> Path:
     """`autoencoder.checkpoint` as a path: as given when it exists (absolute, or relative to
     the working directory, like every other path in a config); else a relative path is looked
-    up in the vdit checkout (the folder holding `experiments/`), where the shipped
-    `checkpoints/` live, so the embedded default works from any directory. Neither: refused,
-    naming every place looked at."""
+    up among the files shipped with vdit (`checkpoints/autoencoder-4x8x8`), so the embedded
+    default works from any directory and from an installed wheel. Neither: refused, naming
+    every place looked at."""
     if not path:
         raise ConfigError("autoencoder.checkpoint: a causal_vae autoencoder needs a trained "
                           "checkpoint (train one with `vdit train-ae`); or set "
@@ -114,18 +111,18 @@ def resolve_autoencoder_path(path: str | Path) -> Path:
         return given
     looked = [given.absolute()]
     if not given.is_absolute():
-        in_checkout = config_lib.DEFAULT_CONFIG.parents[1] / given
-        if in_checkout.exists():
-            return in_checkout
-        looked.append(in_checkout)
+        shipped = config_lib.shipped_path(given)
+        if shipped.exists():
+            return shipped
+        looked.append(shipped)
     raise ConfigError(f"autoencoder.checkpoint: {path} does not exist (looked for "
                       + " and ".join(str(p) for p in looked) + ")")
 
 
 def load_autoencoder(path: str | Path) -> tuple[Config, dict, dict]:
     """(its config, EMA params, latent stats {"mean", "std"}) of a trained autoencoder, from
-    an autoencoder run directory (latest checkpoint) or an exported directory (`vdit export`)."""
-    from vdit.export.safetensors_io import is_export, read_export
+    an autoencoder run directory (newest readable checkpoint) or an export (`vdit export`)."""
+    from vdit.models.autoencoder import make_autoencoder
 
     path = resolve_autoencoder_path(path)
     if is_export(path):
@@ -134,10 +131,7 @@ def load_autoencoder(path: str | Path) -> tuple[Config, dict, dict]:
             raise ConfigError(f"autoencoder.checkpoint: {path} exports a {info.get('kind')!r}, "
                               "not an autoencoder")
         cfg = config_lib.from_dict(info["config"])
-        from vdit.train.autoencoder_system import AutoencoderSystem
-
-        vae_init = lambda key: {"params": AutoencoderSystem(cfg).init(key)["params"]["vae"]}
-        check_params_match(vae_init, tensors["params"], path)
+        check_params_match(_autoencoder_init(cfg, make_autoencoder), tensors["params"], path)
         return cfg, tensors["params"], tensors["stats"]
     if not (path / "config.yaml").exists():
         raise ConfigError(f"autoencoder.checkpoint: {path} is neither an autoencoder run "
@@ -146,6 +140,19 @@ def load_autoencoder(path: str | Path) -> tuple[Config, dict, dict]:
     ckpt = Checkpointer(path / "checkpoints", async_save=False)
     if ckpt.latest_step() is None:
         raise ConfigError(f"autoencoder.checkpoint: {path} has no checkpoint yet")
-    state, _ = ckpt.restore_raw()
+    state, _ = ckpt.restore(None)
     ckpt.close()
+    if "vae" not in state["ema_params"]:
+        raise ConfigError(f"autoencoder.checkpoint: {path} is a DiT run, not an autoencoder run "
+                          "(train one with `vdit train-ae`)")
     return cfg, state["ema_params"]["vae"], state["stats"]
+
+
+def _autoencoder_init(cfg: Config, make_autoencoder):
+    """`key -> {"params": autoencoder params}` at the clip shape the autoencoder trained on."""
+    import jax.numpy as jnp
+
+    w = cfg.data.world
+    video = jnp.zeros((1, w.frames, w.height, w.width, 3), jnp.float32)
+    ae = make_autoencoder(cfg.autoencoder)
+    return lambda key: {"params": ae.init(key, video)}

@@ -1,4 +1,5 @@
-"""The one checkpoint module: orbax, TrainState plus JSON metadata (data iterator, config)."""
+"""The one checkpoint module: orbax, TrainState plus JSON metadata (data iterator, config), and
+param-only checkpoints (`vdit export --to params`)."""
 
 from __future__ import annotations
 
@@ -32,8 +33,9 @@ class Checkpointer:
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
-    def restore(self, target: Any, step: int | None = None, log=None) -> tuple[Any, dict]:
-        """Restore into the structure, shapes and shardings of `target` (arrays or abstract).
+    def restore(self, target: Any | None, step: int | None = None, log=None) -> tuple[Any, dict]:
+        """Restore into the structure, shapes and shardings of `target` (arrays or abstract);
+        `target` None: the saved tree as nested dicts of numpy arrays (`restore_raw`).
 
         Without `step`, the newest checkpoint that reads back whole: a truncated or corrupt one
         is reported (through `log`), moved aside to `corrupt-STEP` and the next older is used."""
@@ -59,7 +61,10 @@ class Checkpointer:
                 (log or print)(message)
         raise FileNotFoundError(f"no readable checkpoint in {self.directory}")
 
-    def _restore(self, target: Any, step: int) -> tuple[Any, dict]:
+    def _restore(self, target: Any | None, step: int) -> tuple[Any, dict]:
+        if target is None:
+            out = self._restore_into(self._one_device_target(step), step)
+            return jax.device_get(out["state"]), dict(out["meta"])
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         try:
             out = self._restore_into(abstract, step)
@@ -80,12 +85,21 @@ class Checkpointer:
 
     def restore_raw(self, step: int | None = None) -> tuple[dict, dict]:
         """The saved state as nested dicts of numpy arrays, without a target structure."""
-        step = self.latest_step() if step is None else step
-        if step is None:
+        if self.latest_step() is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
-        return jax.device_get(out["state"]), dict(out["meta"])
+        return self.restore(None, step)
+
+    def _one_device_target(self, step: int) -> Any:
+        """The saved arrays' shapes and dtypes, placed on this process's first device: a
+        checkpoint written by many devices or hosts reads back whole on one (orbax refuses a
+        target-less restore on another topology)."""
+        reader = ocp.CheckpointManager(self.directory, item_handlers={
+            "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+        saved = reader.item_metadata(step)["state"]
+        reader.close()
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
 
     def abandon(self) -> None:
         """After a failed save: drop unfinished temporary directories (orbax never promotes them
