@@ -188,14 +188,10 @@ class T5TextEncoder:
     dtype: Any = jnp.float32
 
     def __post_init__(self):
-        module = T5Encoder(self.spec, self.dtype)
+        self.module = module = T5Encoder(self.spec, self.dtype)
         # Params are an argument, not a closed-over constant, so XLA does not embed them.
         self._apply = jax.jit(lambda params, ids, mask: module.apply({"params": params},
                                                                      ids, mask))
-
-    @property
-    def module(self) -> T5Encoder:
-        return T5Encoder(self.spec, self.dtype)
 
     def tokenize(self, texts: Sequence[str], max_length: int) -> tuple[np.ndarray, np.ndarray,
                                                                          int]:
