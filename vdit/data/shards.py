@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,8 @@ from typing import Any
 import ml_dtypes
 import msgpack
 import numpy as np
+
+from vdit.io import atomic
 
 FORMAT_VERSION = 1
 INDEX = "index.json"
@@ -109,9 +110,7 @@ def sha256_file(path: str | Path) -> str:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(obj, indent=1))
 
 
 @dataclass
@@ -141,14 +140,15 @@ def write_shard(directory: str | Path, name: str, records: list[ClipRecord],
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    path, tmp = directory / name, directory / f".{name}.tmp"
-    # group_size:1 keeps random access to one record cheap (Grain's global shuffle needs it);
-    # uncompressed: latents barely compress, and brotli (the default) cost 3x the read time.
-    writer = ArrayRecordWriter(str(tmp), "group_size:1,uncompressed")
-    for rec in records:
-        writer.write(encode_record(rec))
-    writer.close()
-    os.replace(tmp, path)
+    path = directory / name
+    with atomic.atomic_path(path, suffix=".tmp") as tmp:
+        # group_size:1 keeps random access to one record cheap (Grain's global shuffle needs
+        # it); uncompressed: latents barely compress, and brotli (the default) cost 3x the read
+        # time.
+        writer = ArrayRecordWriter(str(tmp), "group_size:1,uncompressed")
+        for rec in records:
+            writer.write(encode_record(rec))
+        writer.close()
     summary = ShardSummary(name, len(records), sha256_file(path), path.stat().st_size,
                            [bucket_key(r.bucket) for r in records], dict(skipped or {}))
     _write_json(directory / f"{name}.json", summary.__dict__)

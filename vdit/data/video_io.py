@@ -10,6 +10,8 @@ import av
 import numpy as np
 from PIL import Image
 
+from vdit.io.atomic import atomic_path
+
 
 def upscale(frames: np.ndarray, factor: int) -> np.ndarray:
     """Nearest-neighbour upscaling of uint8 [T, H, W, 3] by an integer factor."""
@@ -33,8 +35,7 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: float, *, crf: int = 18
     if frames.shape[1] % 2 or frames.shape[2] % 2:
         raise ValueError(f"H.264 needs even height and width, got {frames.shape[1:3]}")
     path = Path(path)
-    tmp = path.with_name(path.name + ".part")
-    with av.open(str(tmp), mode="w", format="mp4") as container:
+    with atomic_path(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
         for k, v in (metadata or {}).items():
             container.metadata[k] = v
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
@@ -46,7 +47,6 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: float, *, crf: int = 18
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    tmp.replace(path)
     return path
 
 
@@ -79,8 +79,7 @@ def write_gif(path: str | Path, frames: np.ndarray, fps: float) -> Path:
     """uint8 [T, H, W, 3] -> looping GIF."""
     images = [Image.fromarray(f) for f in frames]
     path = Path(path)
-    tmp = path.with_name(path.name + ".part")
-    images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
-                   duration=max(round(1000 / fps), 20), loop=0)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
+                       duration=max(round(1000 / fps), 20), loop=0)
     return path

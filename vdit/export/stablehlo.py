@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from vdit.diffusion.text_to_video import TextToVideo
+from vdit.io import atomic
 from vdit.io.safetensors_io import read_export
 from vdit.models.text import BOS, PAD, UNK
 
@@ -51,9 +52,7 @@ def export_sampler(export_dir: str | Path, platforms: tuple[str, ...] = PLATFORM
             jax.ShapeDtypeStruct((b, cfg.text.max_length), jnp.int32),
             jax.ShapeDtypeStruct((2,), jnp.uint32))
     exported = jax.export.export(jax.jit(generate), platforms=platforms)(*args)
-    tmp = export_dir / (PROGRAM + ".part")
-    tmp.write_bytes(exported.serialize())
-    tmp.replace(export_dir / PROGRAM)
+    atomic.write_bytes(export_dir / PROGRAM, exported.serialize())
     t, h, w = cfg.data.world.frames, cfg.data.world.height, cfg.data.world.width
     tok = system.tokenizer
     (export_dir / TOKENIZER).write_text(json.dumps({

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from vdit import config as config_lib
 from vdit.config import Config, ConfigError
+from vdit.io import atomic
 from vdit.io.checkpoint import Checkpointer, is_params_checkpoint, load_params
 from vdit.io.safetensors_io import ExportError, flat_leaves, is_export, read_export
 
@@ -40,9 +41,7 @@ def check_resume_compatible(run_dir: Path, cfg: Config) -> None:
 
 def save_config(run_dir: Path, cfg: Config) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / "config.yaml.part"
-    tmp.write_text(config_lib.dump_yaml(cfg))
-    tmp.replace(run_dir / "config.yaml")
+    atomic.write_text(run_dir / "config.yaml", config_lib.dump_yaml(cfg))
 
 
 def run_config(run_dir: str | Path) -> Config:

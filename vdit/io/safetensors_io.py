@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from vdit.io import atomic
+
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
 
@@ -59,9 +61,8 @@ def write_export(out_dir: str | Path, tensors: dict, info: dict[str, Any]) -> Pa
     """Write tensors (a nested dict of arrays) and `info` (JSON-able: kind, config, step...)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (WEIGHTS + ".part")
-    save_file(flatten(tensors), str(tmp))
-    tmp.replace(out / WEIGHTS)
+    with atomic.atomic_path(out / WEIGHTS) as tmp:
+        save_file(flatten(tensors), str(tmp))
     from vdit import __version__
 
     _write_json(out / CONFIG, {**info, "vdit_version": __version__})
@@ -79,9 +80,7 @@ def seal(out_dir: str | Path) -> Path:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    tmp.replace(path)
+    atomic.write_text(path, json.dumps(data, indent=2, sort_keys=True))
 
 
 def is_export(path: str | Path) -> bool:

@@ -10,11 +10,11 @@ the optional `c2pa-python` package and a certificate). The invisible watermark
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from vdit.io import atomic
 
 DIGITAL_SOURCE_TYPE = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
 WATERMARK_SCHEME = "vdit-ss-luma-v1"  # names the scheme in vdit.provenance.watermark
@@ -91,17 +91,7 @@ def write_sidecar(video_path: str | Path, record: dict[str, Any]) -> Path:
     reader never sees half a file."""
     path = sidecar_path(video_path)
     text = json.dumps(record, indent=2, ensure_ascii=False, sort_keys=True) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic.write_text(path, text, fsync=True)
 
 
 def read_sidecar(video_path: str | Path) -> dict[str, Any] | None:
@@ -160,9 +150,9 @@ def sign_c2pa(video_path: str | Path, record: dict[str, Any], cert_path: str | P
     info = c2pa.C2paSignerInfo(alg=alg.encode(), sign_cert=cert.read_bytes(),
                                private_key=key.read_bytes(),
                                ta_url=tsa_url.encode() if tsa_url else None)
-    fd, tmp = tempfile.mkstemp(prefix=video.name + ".", suffix=".c2pa.mp4", dir=video.parent)
-    os.close(fd)
-    try:
+    # The signed copy is written beside the video, then renamed over it (".mp4": c2pa picks the
+    # format from the name).
+    with atomic.atomic_path(video, suffix=".c2pa.mp4") as tmp:
         try:
             with (c2pa.Signer.from_info(info) as signer,
                   c2pa.Builder(c2pa_manifest(record, video.name)) as builder):
@@ -172,9 +162,6 @@ def sign_c2pa(video_path: str | Path, record: dict[str, Any], cert_path: str | P
                              f"the certificate, that alg={alg!r} fits the key, and that the "
                              f"certificate is CA-issued (self-signed ones are refused)"
                              ) from None
-        os.replace(tmp, video)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return video
 
 
