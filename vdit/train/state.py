@@ -45,11 +45,18 @@ class TrainState:
 
 
 def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
-    """Linear warm-up to `lr`, then cosine decay to lr * min_lr_ratio at the last step."""
+    """Linear warm-up to `lr`, then cosine decay to lr * min_lr_ratio at the last step.
+
+    A run shorter than its warm-up warms up for at most `steps - 1` steps, so at least one step
+    is left to decay over (optax refuses a decay of zero steps); a warm-up of 0 (or a one-step
+    run) starts at `lr` rather than spending its first step at lr 0."""
     warmup = min(cfg.warmup_steps, cfg.steps - 1)
+    end_value = cfg.lr * cfg.min_lr_ratio
+    if warmup <= 0:
+        return optax.cosine_decay_schedule(cfg.lr, decay_steps=cfg.steps,
+                                           alpha=cfg.min_lr_ratio)
     return optax.warmup_cosine_decay_schedule(
-        0.0, cfg.lr, warmup_steps=max(warmup, 1), decay_steps=max(cfg.steps, warmup + 1),
-        end_value=cfg.lr * cfg.min_lr_ratio,
+        0.0, cfg.lr, warmup_steps=warmup, decay_steps=cfg.steps, end_value=end_value,
     )
 
 
