@@ -36,20 +36,13 @@ def conv_frames(x: jax.Array, kernel: jax.Array, bias: jax.Array, stride_t: int,
     """A convolution that is `valid` in time over x [B, T, H, W, Ci] (already padded in time)
     with kernel [kt, kh, kw, Ci, Co], zero-padded by `pad` on every side in space.
 
-    -> [B, (T - kt) // stride_t + 1, H, W, Co]. Runs as a sum over the kt time taps of 2D
-    convolutions: XLA:CPU runs 2D convolutions about 3x faster than 3D ones (measured for
-    vdit's causal VAE), and accelerators fuse either form."""
-    kt = kernel.shape[0]
-    b, t, h, w, c = x.shape
-    n = (t - kt) // stride_t + 1
-    x, kernel = x.astype(dtype), kernel.astype(dtype)
-    out = None
-    for dt in range(kt):
-        frames = x[:, dt: dt + stride_t * (n - 1) + 1: stride_t].reshape(b * n, h, w, c)
-        y = jax.lax.conv_general_dilated(frames, kernel[dt], (1, 1), ((pad, pad), (pad, pad)),
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        out = y if out is None else out + y
-    return out.reshape(b, n, *out.shape[1:]) + bias.astype(dtype)
+    -> [B, (T - kt) // stride_t + 1, H, W, Co]. One 3D convolution: XLA compiles it about twice
+    as fast as vdit's causal VAE's sum of per-tap 2D convolutions (measured on this model),
+    which is what a frozen encoder used once per shape mostly pays for."""
+    y = jax.lax.conv_general_dilated(
+        x.astype(dtype), kernel.astype(dtype), (stride_t, 1, 1), ((0, 0), (pad, pad), (pad, pad)),
+        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    return y + bias.astype(dtype)
 
 
 class CausalConv3d(nn.Module):
@@ -128,7 +121,7 @@ class RMSNorm(nn.Module):
     """diffusers' `WanRMS_norm` over channels: x / max(|x|_2, 1e-12) * sqrt(C) * gamma.
 
     The sqrt(C) makes it an RMS norm (|x|_2 / sqrt(C) is the root mean square). Normalised in
-    float32 whatever the compute dtype, as diffusers does for half precision."""
+    at least float32 whatever the compute dtype, as diffusers does for half precision."""
 
     dtype: Dtype = jnp.float32
 
@@ -136,7 +129,7 @@ class RMSNorm(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
         gamma = self.param("gamma", _param_init(nn.initializers.ones_init(), ("norm",)), (c,))
-        xf = x.astype(jnp.float32)
+        xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
         norm = jnp.sqrt(jnp.sum(xf * xf, axis=-1, keepdims=True))
         return (xf / jnp.maximum(norm, 1e-12) * (c**0.5) * gamma).astype(self.dtype)
 

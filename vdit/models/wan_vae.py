@@ -320,7 +320,8 @@ class WanVAE:
     def init(self, key: jax.Array, video: jax.Array | None = None) -> Params:
         """Random float32 params (plain arrays). `video` is ignored: the parameter shapes depend
         on the spec alone."""
-        return nn.unbox(self.module.init(key, self._init_video())["params"])
+        # Jitted: run op by op, the init of even a tiny model takes tens of seconds on CPU.
+        return nn.unbox(jax.jit(self.module.init)(key, self._init_video())["params"])
 
     def logical_specs(self) -> Any:
         """The params' logical axis names, a tree of PartitionSpecs (vdit/parallel/rules.py)."""
