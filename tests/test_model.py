@@ -80,6 +80,28 @@ def test_adaln_zero_block_is_identity_at_init():
     assert float(jnp.abs(out - x).max()) > 1e-3
 
 
+def _param_count(cfg, vocab: int) -> int:
+    """The DiT's parameters counted from the config alone (kernels and biases of every Linear,
+    RMSNorm scales of q and k, the text encoder's embeddings and final LayerNorm)."""
+    d, e, s = cfg.model.width, cfg.text.width, cfg.text.max_length
+    p = int(np.prod(cfg.model.patch)) * cfg.latent_shape()[-1]  # values per patch token
+    hidden = int(d * cfg.model.mlp_ratio)
+
+    def linear(n_in: int, n_out: int) -> int:
+        return n_in * n_out + n_out
+
+    def self_attn(width: int, heads: int) -> int:
+        return linear(width, 3 * width) + 2 * (width // heads) + linear(width, width)
+
+    text_block = self_attn(e, cfg.text.heads) + linear(e, 4 * e) + linear(4 * e, e)
+    text = vocab * e + s * e + cfg.text.depth * text_block + 2 * e
+    cross = linear(d, d) + linear(e, 2 * d) + 2 * (d // cfg.model.heads) + linear(d, d)
+    block = (linear(d, 6 * d) + self_attn(d, cfg.model.heads) + cross + linear(d, hidden)
+             + linear(hidden, d))
+    return (linear(p, d) + linear(256, d) + linear(d, d) + text + cfg.model.depth * block
+            + linear(d, 2 * d) + linear(d, p))
+
+
 @pytest.mark.parametrize("scan", [True, False])
 def test_dit_shapes_zero_output_at_init_and_param_count(tmp_path, scan):
     d = tiny_dict(tmp_path)
@@ -92,7 +114,7 @@ def test_dit_shapes_zero_output_at_init_and_param_count(tmp_path, scan):
     assert out.shape == latent.shape and out.dtype == jnp.float32
     np.testing.assert_array_equal(out, 0.0)  # zero-initialised final layer
     n = sum(x.size for x in jax.tree.leaves(nn.unbox(variables)))
-    assert n > 0
+    assert n == _param_count(system.cfg, system.tokenizer.vocab_size)
     # Parameters carry logical axis names (layer-stacked under scan).
     specs = nn.get_partition_spec(variables)["params"]
     names = {s for leaf in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(
