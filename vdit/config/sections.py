@@ -61,18 +61,33 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TextConfig:
-    """Caption tokenizer and text encoder."""
+    """Caption tokenizer and text encoder.
 
-    encoder: Literal["transformer", "precomputed"] = "transformer"
-    max_length: int = 32  # tokens, including the leading BOS
+    transformer: a small encoder over the physics vocabulary, trained with the DiT (the demo).
+    t5: a frozen pretrained T5-family encoder (`checkpoint`: a Hugging Face folder) run in the
+    train step on the tokens stored in the shards. precomputed: embeddings that `vdit tokenize
+    --text-encoder` (or your own script, docs/real-data.md) stored in the shards. For t5 and
+    precomputed, `width` is the embedding width (the encoder's d_model) and `dtype` the
+    precision the embeddings are stored in and rounded to; `checkpoint_sha256` is filled in
+    by `vdit train` (vdit.data.captions) so a run names the exact encoder it needs."""
+
+    encoder: Literal["transformer", "t5", "precomputed"] = "transformer"
+    max_length: int = 32  # tokens, including the leading BOS (transformer) or </s> (t5)
     width: int = 128
     depth: int = 2
     heads: int = 4
+    checkpoint: str = ""  # t5 / precomputed: the encoder's Hugging Face folder
+    checkpoint_sha256: str = ""  # "": computed when training starts; else must match
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"  # caption embeddings (t5, precomputed)
 
     def validate(self) -> list[str]:
         problems = _positive(self, "max_length", "width", "depth", "heads")
-        if self.heads > 0 and self.width % self.heads:
+        if self.encoder == "transformer" and self.heads > 0 and self.width % self.heads:
             problems.append(f"width: {self.width} is not divisible by heads={self.heads}")
+        if self.encoder == "t5" and not self.checkpoint:
+            problems.append("checkpoint: text.encoder 't5' needs a pretrained encoder folder "
+                            "(text.checkpoint=PATH with config.json, model.safetensors and a "
+                            "tokenizer)")
         return problems
 
 
@@ -324,10 +339,11 @@ class Config:
             problems += [f"{f.name}.{p}" for p in getattr(self, f.name).validate()]
         if problems:
             return problems
-        if self.text.encoder == "precomputed":
+        if self.text.encoder in ("precomputed", "t5") and self.data.source != "shards":
             problems.append(
-                "text.encoder: 'precomputed' needs a data source that supplies text embeddings; "
-                f"data.source '{self.data.source}' supplies caption tokens (use 'transformer')"
+                f"text.encoder: '{self.text.encoder}' needs data.source 'shards' written by "
+                "`vdit tokenize --text-encoder PATH`; data.source "
+                f"'{self.data.source}' supplies physics-vocabulary tokens (use 'transformer')"
             )
         # Cross-section checks: the video must cut evenly into latents, the latents into patches.
         w, ae, p = self.data.world, self.autoencoder, self.model.patch

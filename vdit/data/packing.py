@@ -30,17 +30,21 @@ def clip_to_patches(latent: np.ndarray, patch: tuple[int, int, int]) -> dict:
 
 
 def pack(ds: grain.IterDataset, *, budget: int, caption_length: int, clips_per_row: int,
-         rows: int, seed: int) -> grain.IterDataset:
+         rows: int, seed: int, embeddings: bool = False) -> grain.IterDataset:
     """Elements {"patches" [N, P], "positions" [N, 3], "tokens" int32 [S]} -> packed batches of
     `rows` rows: patches [rows, budget, P], positions int32 [rows, budget, 3], segment_ids
     int32 [rows, budget], tokens and text_segment_ids int32 [rows, clips_per_row * S]
     (segment 0 = padding; a clip's patches and caption share its id).
 
     Best fit keeps padding small: a clip goes to the fullest row that still has room, and a
-    batch is emitted when a clip fits no row."""
+    batch is emitted when a clip fits no row. With `embeddings`, elements also hold "text"
+    [S, E] and "text_mask" [S], packed like the tokens: [rows, clips_per_row * S, E] and
+    [rows, clips_per_row * S] (each caption keeps its S slots and its clip's segment id)."""
     if rows <= 0 or budget <= 0:
         raise ValueError(f"rows ({rows}) and budget ({budget}) must be > 0")
     lengths = {"patches": budget, "positions": budget, "tokens": clips_per_row * caption_length}
+    if embeddings:
+        lengths.update(text=lengths["tokens"], text_mask=lengths["tokens"])
     packed = grain.experimental.BestFitPackIterDataset(
         ds, length_struct=lengths, num_packing_bins=rows, seed=seed, shuffle_bins=False,
         max_sequences_per_bin=clips_per_row)
@@ -50,9 +54,12 @@ def pack(ds: grain.IterDataset, *, budget: int, caption_length: int, clips_per_r
 
 def _rename(batch: dict) -> dict:
     """Keep what the model needs: Grain also emits per-key positions and repeats the ids."""
-    return {"patches": batch["patches"], "positions": batch["positions"],
-            "segment_ids": batch["patches_segment_ids"], "tokens": batch["tokens"],
-            "text_segment_ids": batch["tokens_segment_ids"]}
+    out = {"patches": batch["patches"], "positions": batch["positions"],
+           "segment_ids": batch["patches_segment_ids"], "tokens": batch["tokens"],
+           "text_segment_ids": batch["tokens_segment_ids"]}
+    if "text_mask" in batch:
+        out.update(text=batch["text"], text_mask=batch["text_mask"])
+    return out
 
 
 def drop_oversized(budget: int):

@@ -29,17 +29,18 @@ def make_example(cfg: DataConfig, tokenizer: WordTokenizer, split: str, index: i
 
 
 def train_iterator(cfg: DataConfig, tokenizer: WordTokenizer, global_batch: int, *,
-                   shuffle_seed: int, patch: tuple[int, int, int] = (1, 2, 2)):
+                   shuffle_seed: int, patch: tuple[int, int, int] = (1, 2, 2),
+                   embeddings: bool = False):
     """An endless, checkpointable iterator of this host's share of each global batch: uint8
     videos from the physics world, or latents from shards (`data.source`); packed rows are
-    cut into the DiT's `patch`."""
+    cut into the DiT's `patch`; `embeddings` adds the shards' caption embeddings."""
     if cfg.source == "shards":
         from vdit.data.shard_pipeline import shard_iterator
 
         return shard_iterator(cfg.shards, batch=global_batch, caption_length=tokenizer.max_length,
                               seed=shuffle_seed, workers=cfg.workers, prefetch=cfg.prefetch,
                               mode=cfg.batching, patch=patch, budget=cfg.pack_budget,
-                              clips_per_row=cfg.pack_clips)
+                              clips_per_row=cfg.pack_clips, embeddings=embeddings)
     hosts, host = jax.process_count(), jax.process_index()
     if global_batch % hosts:
         raise ValueError(f"train.batch_size {global_batch} is not divisible by {hosts} hosts")
@@ -58,13 +59,14 @@ def train_iterator(cfg: DataConfig, tokenizer: WordTokenizer, global_batch: int,
     return iter(ds.to_iter_dataset(read_options=options))
 
 
-def fixed_batch(cfg: DataConfig, tokenizer: WordTokenizer, split: str, count: int) -> dict:
+def fixed_batch(cfg: DataConfig, tokenizer: WordTokenizer, split: str, count: int,
+                embeddings: bool = False) -> dict:
     """The first `count` clips of a split, stacked: used for eval and latent statistics.
     Shards give {"latent", "tokens"} instead of {"video", "tokens", "seed"}."""
     if cfg.source == "shards":
         from vdit.data.shard_pipeline import first_clips
 
         directory = cfg.eval_shards if split == "eval" and cfg.eval_shards else cfg.shards
-        return first_clips(directory, count, tokenizer.max_length)
+        return first_clips(directory, count, tokenizer.max_length, embeddings)
     examples = [make_example(cfg, tokenizer, split, i) for i in range(count)]
     return {k: np.stack([e[k] for e in examples]) for k in examples[0]}

@@ -36,12 +36,16 @@ class ShardReader:
     source: grain.sources.ArrayRecordDataSource
     caption_length: int
     patch: tuple[int, int, int] | None = None  # set: emit packing features, not a latent
+    embeddings: bool = False  # emit the stored caption embeddings (text.encoder precomputed)
 
     def __call__(self, index: int) -> dict | None:
-        """-> {"latent": [T', H', W', C], "tokens": int32 [S]} (or patches/positions), or None
-        for a corrupt record (counted in SKIPPED; the stream goes on)."""
+        """-> {"latent": [T', H', W', C], "tokens": int32 [S]} (or patches/positions; with
+        `embeddings` also "text" [S, E] in the stored dtype, zero-padded, and "text_mask" int32
+        [S]), or None for a corrupt record (counted in SKIPPED; the stream goes on)."""
         try:
             rec = decode_record(self.source[int(index)])
+            if self.embeddings and rec.text is None:
+                raise ShardRecordError("no caption embeddings (text) in the record")
         except ShardRecordError as e:
             SKIPPED["corrupt_record"] += 1
             _IN_A_ROW[0] += 1
@@ -56,9 +60,16 @@ class ShardReader:
         tokens = np.zeros(self.caption_length, np.int32)  # PAD = 0, truncate or pad
         n = min(len(rec.tokens), self.caption_length)
         tokens[:n] = rec.tokens[:n]
+        text = {}
+        if self.embeddings:
+            n = min(len(rec.text), self.caption_length)
+            emb = np.zeros((self.caption_length, rec.text.shape[1]), rec.text.dtype)
+            emb[:n] = rec.text[:n]
+            text = {"text": emb, "text_mask": (np.arange(self.caption_length) < n).astype(
+                np.int32)}
         if self.patch is None:
-            return {"latent": rec.latent, "tokens": tokens}
-        return {**clip_to_patches(rec.latent, self.patch), "tokens": tokens}
+            return {"latent": rec.latent, "tokens": tokens, **text}
+        return {**clip_to_patches(rec.latent, self.patch), "tokens": tokens, **text}
 
 
 def record_buckets(index: dict) -> dict[str, np.ndarray]:
@@ -89,16 +100,17 @@ def shard_dataset(directory: str, *, batch: int, caption_length: int, seed: int,
                   mode: str = "bucket", patch: tuple[int, int, int] = (1, 2, 2),
                   budget: int = 4096, clips_per_row: int = 16, process: int = 0,
                   processes: int = 1, read_threads: int = 2,
-                  read_ahead: int = 16) -> grain.IterDataset:
+                  read_ahead: int = 16, embeddings: bool = False) -> grain.IterDataset:
     """This process's batches of a shard directory: `batch` clips per batch ("bucket"), or
     `batch` packed rows of `budget` patch tokens each ("pack"). Each stream reads records on
-    `read_threads` threads, `read_ahead` records ahead (0: synchronously)."""
+    `read_threads` threads, `read_ahead` records ahead (0: synchronously). `embeddings`: each
+    clip also brings its stored caption embeddings ("text", "text_mask"; packed per caption)."""
     # Grain's default (16 threads, 500 records ahead, per stream) would swamp a small host.
     read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_ahead)
     index = read_index(directory)
     source = grain.sources.ArrayRecordDataSource(shard_paths(directory, index))
     if mode == "bucket":
-        reader = ShardReader(source, caption_length)
+        reader = ShardReader(source, caption_length, embeddings=embeddings)
         buckets = record_buckets(index)
         streams = [_stream(idx, reader, seed + i, process, processes, read).batch(
                    batch, drop_remainder=True) for i, idx in enumerate(buckets.values())]
@@ -107,12 +119,12 @@ def shard_dataset(directory: str, *, batch: int, caption_length: int, seed: int,
         # Each batch comes from one bucket; buckets are drawn in proportion to their size.
         return grain.IterDataset.mix(streams, [len(v) for v in buckets.values()])
     if mode == "pack":
-        reader = ShardReader(source, caption_length, patch)
+        reader = ShardReader(source, caption_length, patch, embeddings)
         clips = _stream(np.arange(index["num_records"]), reader, seed, process, processes,
                         read)
         clips = clips.filter(lambda ex: len(ex["patches"]) <= budget)
         return pack(clips, budget=budget, caption_length=caption_length,
-                    clips_per_row=clips_per_row, rows=batch, seed=seed)
+                    clips_per_row=clips_per_row, rows=batch, seed=seed, embeddings=embeddings)
     raise ValueError(f"data.batching: 'bucket' or 'pack', got {mode!r}")
 
 
@@ -132,14 +144,16 @@ def check_shards(directory: str, autoencoder) -> dict:
     return index
 
 
-def first_clips(directory: str, count: int, caption_length: int) -> dict:
+def first_clips(directory: str, count: int, caption_length: int,
+                embeddings: bool = False) -> dict:
     """The first `count` clips of the most common bucket, stacked: {"latent" [N, T', H', W', C],
-    "tokens" int32 [N, S]} (eval batches and latent statistics)."""
+    "tokens" int32 [N, S]} (+ "text", "text_mask" with `embeddings`; eval batches and latent
+    statistics)."""
     index = read_index(directory)
     buckets = record_buckets(index)
     indices = max(buckets.values(), key=len)
     reader = ShardReader(grain.sources.ArrayRecordDataSource(shard_paths(directory, index)),
-                         caption_length)
+                         caption_length, embeddings=embeddings)
     clips = [ex for ex in map(reader, indices[: count]) if ex is not None]
     if not clips:
         raise ValueError(f"{directory}: no readable clips")

@@ -47,6 +47,9 @@ class ClipRecord:
     original_size: tuple[int, int, int]  # (frames, height, width) before resampling and fitting
     bucket: tuple[int, int, int]  # (frames, height, width) the clip was fitted to
     license: str = "unknown"  # licence / provenance of the source video
+    # The caption's embeddings [n, E] from a frozen text encoder, real tokens only (n = the
+    # caption's length, mask all ones): optional "text", "text_dtype", "text_shape" fields.
+    text: np.ndarray | None = None
 
 
 def encode_record(rec: ClipRecord) -> bytes:
@@ -54,6 +57,13 @@ def encode_record(rec: ClipRecord) -> bytes:
     name = rec.latent.dtype.name
     if name not in DTYPES:
         raise ValueError(f"latent dtype {name} is not one of {sorted(DTYPES)}")
+    text = {}
+    if rec.text is not None:
+        if rec.text.dtype.name not in DTYPES or rec.text.ndim != 2:
+            raise ValueError(f"text embeddings must be [n, E] of {sorted(DTYPES)}, got "
+                             f"{rec.text.dtype.name} {rec.text.shape}")
+        text = {"text": np.ascontiguousarray(rec.text).tobytes(),
+                "text_dtype": rec.text.dtype.name, "text_shape": list(rec.text.shape)}
     return msgpack.packb({
         "v": FORMAT_VERSION,
         # Raw native bytes: every host vdit targets (x86, ARM, TPU VMs) is little-endian.
@@ -62,7 +72,7 @@ def encode_record(rec: ClipRecord) -> bytes:
         "tokens": np.asarray(rec.tokens, "<i4").tobytes(),
         "caption": rec.caption, "source_id": rec.source_id, "fps": float(rec.fps),
         "original_size": [int(x) for x in rec.original_size],
-        "bucket": [int(x) for x in rec.bucket], "license": rec.license,
+        "bucket": [int(x) for x in rec.bucket], "license": rec.license, **text,
     }, use_bin_type=True)
 
 
@@ -86,12 +96,26 @@ def decode_record(data: bytes) -> ClipRecord:
                                f"{d['dtype']} needs {int(np.prod(shape)) * dtype.itemsize}")
     if len(d["tokens"]) % 4:
         raise ShardRecordError("caption tokens are not whole int32 values")
+    text = _decode_text(d) if "text" in d else None
     return ClipRecord(
         latent=np.frombuffer(d["latent"], dtype).reshape(shape),
         tokens=np.frombuffer(d["tokens"], "<i4").astype(np.int32),
         caption=str(d["caption"]), source_id=str(d["source_id"]), fps=float(d["fps"]),
         original_size=tuple(int(x) for x in d["original_size"]),
-        bucket=tuple(int(x) for x in d["bucket"]), license=str(d["license"]))
+        bucket=tuple(int(x) for x in d["bucket"]), license=str(d["license"]), text=text)
+
+
+def _decode_text(d: dict) -> np.ndarray:
+    """The record's caption embeddings [n, E], checked against their dtype and shape."""
+    if d.get("text_dtype") not in DTYPES or len(d.get("text_shape") or ()) != 2:
+        raise ShardRecordError(f"text embeddings need text_dtype in {sorted(DTYPES)} and "
+                               f"text_shape [n, E], got {d.get('text_dtype')!r}, "
+                               f"{d.get('text_shape')!r}")
+    dtype, shape = np.dtype(DTYPES[d["text_dtype"]]), tuple(int(s) for s in d["text_shape"])
+    if shape[0] * shape[1] * dtype.itemsize != len(d["text"]):
+        raise ShardRecordError(f"text has {len(d['text'])} bytes, shape {shape} of "
+                               f"{d['text_dtype']} needs {shape[0] * shape[1] * dtype.itemsize}")
+    return np.frombuffer(d["text"], dtype).reshape(shape)
 
 
 # --- shard files ------------------------------------------------------------------------------
@@ -123,6 +147,7 @@ class ShardSummary:
     bytes: int
     buckets: list[str]  # "FxHxW" of each record, in order
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
+    captions_truncated: int = 0  # captions cut to text.max_length tokens
 
     @staticmethod
     def load(path: Path) -> ShardSummary:
@@ -134,7 +159,7 @@ def bucket_key(bucket: tuple[int, int, int]) -> str:
 
 
 def write_shard(directory: str | Path, name: str, records: list[ClipRecord],
-                skipped: dict[str, int] | None = None) -> ShardSummary:
+                skipped: dict[str, int] | None = None, truncated: int = 0) -> ShardSummary:
     """Write records to `directory/name` (atomically: temp name, then rename) and its sidecar."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
@@ -150,7 +175,8 @@ def write_shard(directory: str | Path, name: str, records: list[ClipRecord],
             writer.write(encode_record(rec))
         writer.close()
     summary = ShardSummary(name, len(records), sha256_file(path), path.stat().st_size,
-                           [bucket_key(r.bucket) for r in records], dict(skipped or {}))
+                           [bucket_key(r.bucket) for r in records], dict(skipped or {}),
+                           truncated)
     _write_json(directory / f"{name}.json", summary.__dict__)
     return summary
 
@@ -173,6 +199,7 @@ def write_index(directory: str | Path, names: list[str], info: dict) -> dict:
         "num_records": sum(s.records for s in shards),
         "buckets": dict(sorted(Counter(b for s in shards for b in s.buckets).items())),
         "skipped": dict(sorted(skipped.items())),
+        "captions_truncated": sum(s.captions_truncated for s in shards),
         "shards": [{"name": s.name, "records": s.records, "sha256": s.sha256, "bytes": s.bytes,
                     "buckets": s.buckets} for s in shards],
         **info,

@@ -2,6 +2,8 @@
 
     source item i (sources.py) -> decode -> resample fps -> fit to a bucket (buckets.py)
       -> encode, a jitted batch per bucket sharded over local devices -> record -> shard
+    caption -> word tokens, or (text.encoder t5 / precomputed, `text.checkpoint`) T5 token
+      ids and embeddings in jitted batches (vdit/data/captions.py), real tokens only
 
 Inputs are split into shards of `shard_size` consecutive items; process p of n owns the shards
 with index % n == p, skips the ones already written (resume), and whoever finds every shard
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +53,9 @@ class TokenizeOptions:
     process: int = 0
     processes: int = 1
     info: dict = field(default_factory=dict)  # extra index.json fields (source description)
+    # Filled in: seconds and counts of this process's encoding (clips, autoencoder_s,
+    # captions, text_s), for the report and tools/bench_text.py.
+    timings: Counter = field(default_factory=Counter)
 
     def __post_init__(self):
         if not 0 <= self.process < self.processes:
@@ -109,8 +115,23 @@ def _encode_shard(clips: list, encoder: BatchEncoder, batch: int) -> list[np.nda
     return out
 
 
+def _captions(texts: list[str], tokenizer, opts: TokenizeOptions) -> tuple[list, list, int]:
+    """(tokens per caption, embeddings per caption or Nones, truncated count): word tokens,
+    or a CaptionEncoder's ids and embeddings cut to each caption's real tokens."""
+    from vdit.data.captions import CaptionEncoder
+
+    if not isinstance(tokenizer, CaptionEncoder):
+        return [tokenizer.encode(t) for t in texts], [None] * len(texts), 0
+    t0 = time.perf_counter()
+    emb, mask, ids, truncated = tokenizer.embed(texts) if texts else ([], [], [], 0)
+    opts.timings.update(text_s=time.perf_counter() - t0, captions=len(texts))
+    lengths = [int(m.sum()) for m in mask]
+    return ([i[:n] for i, n in zip(ids, lengths, strict=True)],
+            [e[:n] for e, n in zip(emb, lengths, strict=True)], truncated)
+
+
 def _tokenize_shard(source, items: range, opts: TokenizeOptions, encoder: BatchEncoder,
-                    tokenizer, pbar) -> tuple[list[ClipRecord], Counter]:
+                    tokenizer, pbar) -> tuple[list[ClipRecord], Counter, int]:
     skipped: Counter = Counter()
     kept, fitted = [], []
     for i in items:
@@ -127,11 +148,15 @@ def _tokenize_shard(source, items: range, opts: TokenizeOptions, encoder: BatchE
             kept.append((raw, video.shape))
             fitted.append((video, bucket))
         pbar.update(1)
+    t0 = time.perf_counter()
     latents = _encode_shard(fitted, encoder, opts.batch)
-    records = [ClipRecord(lat, tokenizer.encode(raw.caption), raw.caption, raw.source_id,
-                          opts.fps or raw.fps, tuple(raw.frames.shape[:3]), bucket, raw.license)
-               for (raw, _), (_, bucket), lat in zip(kept, fitted, latents, strict=True)]
-    return records, skipped
+    opts.timings.update(autoencoder_s=time.perf_counter() - t0, clips=len(fitted))
+    tokens, texts, truncated = _captions([raw.caption for raw, _ in kept], tokenizer, opts)
+    records = [ClipRecord(lat, tok, raw.caption, raw.source_id, opts.fps or raw.fps,
+                          tuple(raw.frames.shape[:3]), bucket, raw.license, text)
+               for (raw, _), (_, bucket), lat, tok, text in zip(kept, fitted, latents, tokens,
+                                                                 texts, strict=True)]
+    return records, skipped, truncated
 
 
 def tokenize(source, cfg: Config, opts: TokenizeOptions, *, log_fn=print) -> dict | None:
@@ -143,17 +168,23 @@ def tokenize(source, cfg: Config, opts: TokenizeOptions, *, log_fn=print) -> dic
     todo = [i for i in mine if not shard_done(opts.out, names[i])]
     log_fn(f"tokenize: {len(source)} inputs in {num_shards} shards; process {opts.process}/"
            f"{opts.processes} owns {len(mine)}, {len(mine) - len(todo)} already written")
+    captions = None
+    if cfg.text.encoder != "transformer":  # loaded (and checked) before any video is read
+        from vdit.data.captions import CaptionEncoder
+
+        captions = CaptionEncoder(cfg.text.checkpoint, cfg.text.max_length, cfg.text.dtype,
+                                  batch=max(opts.batch, 8))
     if todo:
         encoder = BatchEncoder(cfg, opts.dtype)
-        tokenizer = physics_tokenizer(cfg.text.max_length)
+        tokenizer = captions or physics_tokenizer(cfg.text.max_length)
         ranges = {i: range(i * opts.shard_size, min(len(source), (i + 1) * opts.shard_size))
                   for i in todo}
         with tqdm(total=sum(len(r) for r in ranges.values()), desc="tokenize",
                   dynamic_ncols=True, mininterval=1.0) as pbar:
             for i in todo:
-                records, skipped = _tokenize_shard(source, ranges[i], opts, encoder, tokenizer,
-                                                   pbar)
-                write_shard(opts.out, names[i], records, skipped)
+                records, skipped, cut = _tokenize_shard(source, ranges[i], opts, encoder,
+                                                        tokenizer, pbar)
+                write_shard(opts.out, names[i], records, skipped, cut)
     if not all(shard_done(opts.out, n) for n in names):
         log_fn("tokenize: other processes' shards are not all written yet; the last one to "
                "finish writes index.json")
@@ -163,14 +194,30 @@ def tokenize(source, cfg: Config, opts: TokenizeOptions, *, log_fn=print) -> dic
             "autoencoder": {k: getattr(cfg.autoencoder, k) for k in
                             ("kind", "factors", "latent_channels", "checkpoint")},
             "text_max_length": cfg.text.max_length, **opts.info}
+    if captions is not None:
+        info["text_encoder"] = captions.record()
     index = write_index(opts.out, names, info)
-    log_fn(report(index))
+    log_fn(report(index, opts.timings))
     return index
 
 
-def report(index: dict) -> str:
-    """The end-of-job summary: clips per bucket, skipped inputs by reason."""
+def report(index: dict, timings: dict | None = None) -> str:
+    """The end-of-job summary: clips per bucket, skipped inputs by reason, truncated captions,
+    the text encoder, and this process's encoding rates."""
     lines = [f"tokenized {index['num_records']} clips into {len(index['shards'])} shards"]
+    if index.get("text_encoder"):
+        from vdit.data.captions import describe
+
+        lines.append(f"captions: {describe(index['text_encoder'])}")
+    lines.append(f"captions truncated to text.max_length {index.get('text_max_length')}: "
+                 f"{index.get('captions_truncated', 0)}")
+    t = timings or {}
+    if t.get("clips"):
+        lines.append(f"autoencoder: {t['clips']} clips in {t['autoencoder_s']:.2f} s "
+                     f"({t['clips'] / max(t['autoencoder_s'], 1e-9):.1f} clips/s)")
+    if t.get("captions"):
+        lines.append(f"text encoder: {t['captions']} captions in {t['text_s']:.2f} s "
+                     f"({t['captions'] / max(t['text_s'], 1e-9):.1f} captions/s)")
     lines += [f"  bucket {k}: {v}" for k, v in index["buckets"].items()]
     skipped = index["skipped"]
     lines.append(f"skipped {sum(skipped.values())} inputs" + ("" if skipped else " (none)"))

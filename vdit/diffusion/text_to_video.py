@@ -4,6 +4,12 @@ Pixels are uint8 [B, T, H, W, 3]; the DiT works on latents normalised per channe
 training data's statistics. `stats = {"mean": [C], "std": [C], "autoencoder": params}` travels
 with the DiT's params: the frozen autoencoder's params are part of every DiT checkpoint, so a
 checkpoint alone samples videos.
+
+Captions reach the DiT as word tokens (`text.encoder: transformer`, encoded inside the DiT) or
+as embeddings `(text [B, S, E], text_mask [B, S])` ("a caption" below is either): stored in the
+shards (`precomputed`: batch["text"], batch["text_mask"]) or computed in the step by a frozen T5
+from the stored token ids (`t5`: stats["text_encoder"]). Both embedding routes round to
+`text.dtype` and use stats["null_text"] / ["null_mask"] (the empty caption) for dropout.
 """
 
 from __future__ import annotations
@@ -49,11 +55,62 @@ class TextToVideo:
         self.latent_shape = cfg.latent_shape()
         self.dit = DiT(cfg.model, cfg.text, self.tokenizer.vocab_size, self.latent_shape)
         self.shift = resolve_shift(cfg.diffusion, cfg.num_tokens())
+        self.embedded = cfg.text.encoder != "transformer"  # the DiT sees embeddings
+        self._t5 = None
+
+    # --- captions --------------------------------------------------------------------------
+    def t5(self):
+        """(T5Encoder module, pad id) of text.encoder 't5' (read from its config.json once)."""
+        if self._t5 is None:
+            from vdit.data.captions import encoder_folder
+            from vdit.io.hf_folder import read_config
+            from vdit.io.hf_t5 import read_spec
+            from vdit.models.t5 import T5Encoder
+
+            folder = encoder_folder(self.cfg.text.checkpoint, self.cfg.text.checkpoint_sha256)
+            pad = read_config(folder).get("pad_token_id", 0)
+            self._t5 = (T5Encoder(read_spec(folder)), pad if isinstance(pad, int) else 0)
+        return self._t5
+
+    def batch_text(self, batch: dict, stats: Stats):
+        """A batch's captions as the DiT takes them: tokens [B, S] (transformer), or
+        (embeddings float32 [B, S, E] rounded through text.dtype, mask bool [B, S])."""
+        if not self.embedded:
+            return batch["tokens"]
+        if "text" in batch:
+            return (batch["text"].astype(jnp.float32), batch["text_mask"] > 0)
+        module, pad = self.t5()  # frozen: no gradient reaches the encoder
+        ids, s = batch["tokens"], self.cfg.text.max_length
+        mask = ids != pad
+        # One caption per encoder row: packed rows hold K captions, [B, K * S] -> [B * K, S].
+        flat = module.apply({"params": jax.lax.stop_gradient(stats["text_encoder"])},
+                            ids.reshape(-1, s), mask.reshape(-1, s))
+        emb = flat.reshape(*ids.shape, -1).astype(jnp.dtype(self.cfg.text.dtype))
+        return emb.astype(jnp.float32), mask
+
+    def null_text(self, like, stats: Stats):
+        """The empty caption in the shape of `like` (tokens [B, S] or (emb, mask))."""
+        if not self.embedded:
+            return null_tokens_like(like)
+        emb, mask = like
+        return (jnp.broadcast_to(stats["null_text"], emb.shape),
+                jnp.broadcast_to(stats["null_mask"] > 0, mask.shape))
+
+    def apply_dit(self, params, x, t, text, **kw) -> jax.Array:
+        """The DiT on a caption of either kind (see `batch_text`)."""
+        args = (text[0], jnp.asarray(text[1]).astype(bool)) if isinstance(text, tuple) else (
+            text,)
+        return self.dit.apply({"params": params}, x, t, *args, **kw)
 
     # --- shapes and parameters -----------------------------------------------------------
     def dummy_inputs(self, batch: int = 1):
         latent = jnp.zeros((batch, *self.latent_shape), jnp.float32)
-        tokens = null_tokens_like(jnp.zeros((batch, self.cfg.text.max_length), jnp.int32))
+        s = self.cfg.text.max_length
+        if self.embedded:
+            text = (jnp.zeros((batch, s, self.cfg.text.width), jnp.float32),
+                    jnp.ones((batch, s), bool))
+            return latent, jnp.zeros((batch,), jnp.float32), *text
+        tokens = null_tokens_like(jnp.zeros((batch, s), jnp.int32))
         return latent, jnp.zeros((batch,), jnp.float32), tokens
 
     def init(self, key: jax.Array):
@@ -65,18 +122,23 @@ class TextToVideo:
         """Latent statistics and autoencoder params: from the trained autoencoder named by
         `autoencoder.checkpoint`, or measured for the parameter-free stand-in on uint8 videos
         [B, T, H, W, 3] or on already encoded latents [B, T', H', W', C] (shards)."""
+        text = {}
+        if self.embedded:
+            from vdit.data.captions import text_stats
+
+            text = text_stats(self.cfg)
         if self.cfg.autoencoder.kind == "causal_vae":
             from vdit.io.run_dir import load_autoencoder
 
             ae_cfg, params, stats = load_autoencoder(self.cfg.autoencoder.checkpoint)
             check_autoencoder_matches(self.cfg.autoencoder, ae_cfg.autoencoder)
             return {"mean": jnp.asarray(stats["mean"]), "std": jnp.asarray(stats["std"]),
-                    "autoencoder": jax.tree.map(jnp.asarray, params)}
+                    "autoencoder": jax.tree.map(jnp.asarray, params), **text}
         lat = (self.autoencoder.encode({}, to_float(jnp.asarray(videos)))
                if videos.dtype == np.uint8 else jnp.asarray(videos, jnp.float32))
         axes = tuple(range(lat.ndim - 1))
         return {"mean": lat.mean(axes), "std": jnp.maximum(lat.std(axes), 1e-3),
-                "autoencoder": {}}
+                "autoencoder": {}, **text}
 
     def stats_shapes(self) -> Stats:
         """What `initial_stats` returns, as jax.ShapeDtypeStruct leaves, without data or files:
@@ -88,7 +150,12 @@ class TextToVideo:
             w = self.cfg.data.world
             video = jax.ShapeDtypeStruct((1, w.frames, w.height, w.width, 3), jnp.float32)
             autoencoder = jax.eval_shape(self.autoencoder.init, jax.random.key(0), video)
-        return {"mean": channels, "std": channels, "autoencoder": autoencoder}
+        text = {}
+        if self.embedded:
+            from vdit.data.captions import text_stats_shapes
+
+            text = text_stats_shapes(self.cfg)
+        return {"mean": channels, "std": channels, "autoencoder": autoencoder, **text}
 
     def encode(self, video: jax.Array, stats: Stats) -> jax.Array:
         """uint8 [B, T, H, W, 3] -> normalised latent [B, T', H', W', C]."""
@@ -108,10 +175,14 @@ class TextToVideo:
         return to_uint8(self.autoencoder.decode(stats.get("autoencoder", {}), latent))
 
     # --- training objective ----------------------------------------------------------------
-    def drop_captions(self, tokens: jax.Array, key: jax.Array) -> jax.Array:
-        """Replace each caption by the empty one with probability caption_dropout."""
-        drop = jax.random.bernoulli(key, self.cfg.diffusion.caption_dropout, (tokens.shape[0],))
-        return jnp.where(drop[:, None], null_tokens_like(tokens), tokens)
+    def drop_captions(self, text, key: jax.Array, stats: Stats | None = None):
+        """Replace each caption (tokens [B, S] or (emb, mask)) by the empty one with
+        probability caption_dropout."""
+        first = text[0] if isinstance(text, tuple) else text
+        drop = jax.random.bernoulli(key, self.cfg.diffusion.caption_dropout, (first.shape[0],))
+        null = self.null_text(text, stats)
+        return jax.tree.map(lambda n, x: jnp.where(drop.reshape(-1, *[1] * (x.ndim - 1)), n, x),
+                            null, text)
 
     def loss(self, params, batch: dict, stats: Stats, key: jax.Array,
              step: jax.Array | None = None) -> tuple[jax.Array, dict]:
@@ -121,7 +192,7 @@ class TextToVideo:
             return self.packed_loss(params, batch, stats, key)
         k_drop, k_t, k_noise = jax.random.split(key, 3)
         x0 = self.batch_latent(batch, stats)
-        tokens = self.drop_captions(batch["tokens"], k_drop)
+        tokens = self.drop_captions(self.batch_text(batch, stats), k_drop, stats)
         t = sample_time(k_t, x0.shape[0], self.cfg.diffusion, self.shift)
         noise = jax.random.normal(k_noise, x0.shape)
         return self.flow_loss(params, x0, noise, t, tokens).mean(), {}
@@ -134,7 +205,7 @@ class TextToVideo:
         return jnp.where(jnp.arange(n)[None] < context, 0.0, t[:, None])
 
     def flow_loss(self, params, x0: jax.Array, noise: jax.Array, t: jax.Array,
-                  tokens: jax.Array) -> jax.Array:
+                  tokens) -> jax.Array:
         """Per-sample velocity loss [B] for latents x0, noise [B, T', H', W', C] at times t [B].
 
         With diffusion.context_frames = k the first k latent frames are fed clean, their tokens
@@ -144,9 +215,9 @@ class TextToVideo:
         k = self.cfg.diffusion.context_frames
         x_t = noisy(x0, noise, t)
         if not k:
-            return velocity_loss(self.dit.apply({"params": params}, x_t, t, tokens), x0, noise)
+            return velocity_loss(self.apply_dit(params, x_t, t, tokens), x0, noise)
         x_t = x_t.at[:, :k].set(x0[:, :k])
-        v = self.dit.apply({"params": params}, x_t, self.token_times(t, k, x0.shape[1:]), tokens)
+        v = self.apply_dit(params, x_t, self.token_times(t, k, x0.shape[1:]), tokens)
         return velocity_loss(v[:, k:], x0[:, k:], noise[:, k:])
 
     def packed_loss(self, params, batch: dict, stats: Stats,
@@ -163,12 +234,16 @@ class TextToVideo:
               / stats["std"]).reshape(b, length, p)
         s = self.cfg.text.max_length
         clips = batch["tokens"].shape[1] // s  # caption k belongs to segment k + 1
-        tokens = self.drop_captions(batch["tokens"].reshape(-1, s), k_drop).reshape(b, -1)
+        # Each caption on its own: [B, K * S, ...] -> [B * K, S, ...] -> back.
+        per_caption = jax.tree.map(lambda x: x.reshape(b * clips, s, *x.shape[2:]),
+                                   self.batch_text(batch, stats))
+        tokens = jax.tree.map(lambda x: x.reshape(b, clips * s, *x.shape[2:]),
+                              self.drop_captions(per_caption, k_drop, stats))
         t_clip = sample_time(k_t, b * (clips + 1), self.cfg.diffusion, self.shift)
         t = jnp.take_along_axis(t_clip.reshape(b, clips + 1), ids, axis=1)  # [B, L]
         noise = jax.random.normal(k_noise, x0.shape)
         x_t = (1 - t[..., None]) * x0 + t[..., None] * noise
-        v = self.dit.apply({"params": params}, x_t, t, tokens, positions=batch["positions"],
+        v = self.apply_dit(params, x_t, t, tokens, positions=batch["positions"],
                            segment_ids=ids, text_segment_ids=batch["text_segment_ids"])
         err = jnp.square(v - (noise - x0)).mean(-1)  # [B, L]
         real = (ids > 0).astype(jnp.float32)
@@ -183,18 +258,22 @@ class TextToVideo:
         """Loss at each fixed eval timestep with fixed noise (no caption dropout): [num_t]."""
         x0 = self.batch_latent(batch, stats)
         noise = jax.random.normal(key, x0.shape)
+        text = self.batch_text(batch, stats)
 
         def at(t_scalar):
             t = jnp.full((x0.shape[0],), t_scalar)
-            return self.flow_loss(params, x0, noise, t, batch["tokens"]).mean()
+            return self.flow_loss(params, x0, noise, t, text).mean()
 
         return jax.lax.map(at, jnp.asarray(self.cfg.diffusion.eval_timesteps))
 
     # --- generation ------------------------------------------------------------------------
-    def generate(self, params, tokens: jax.Array, stats: Stats, key: jax.Array, *, steps: int,
+    def generate(self, params, tokens, stats: Stats, key: jax.Array, *, steps: int,
                  guidance: float, method: str, context: jax.Array | None = None,
-                 clean_context: bool = False) -> jax.Array:
-        """Captions int32 [B, S] -> uint8 videos [B, T, H, W, 3]; deterministic for `key`.
+                 clean_context: bool = False, uncond=None) -> jax.Array:
+        """Captions (int32 tokens [B, S], or (embeddings [B, S, E], mask [B, S]) for a run with
+        a pretrained encoder) -> uint8 videos [B, T, H, W, 3]; deterministic for `key`.
+        Guidance pushes away from `uncond` (a caption of the same kind: a negative prompt),
+        by default the empty caption.
 
         Continuation: `context` is the normalised latent of the first k frames [B, k, H', W',
         C]. With `clean_context` (a model trained with diffusion.context_frames) it is fed clean
@@ -202,8 +281,9 @@ class TextToVideo:
         each step the context frames are overwritten by the ground truth noised to the current
         t with the sampler's own initial noise. Either way the result keeps the context exactly.
         """
-        empty = null_tokens_like(tokens)
-        noise = jax.random.normal(key, (tokens.shape[0], *self.latent_shape))
+        empty = self.null_text(tokens, stats) if uncond is None else uncond
+        batch = (tokens[0] if isinstance(tokens, tuple) else tokens).shape[0]
+        noise = jax.random.normal(key, (batch, *self.latent_shape))
         k = 0 if context is None else context.shape[1]
 
         def velocity(x, t, cond):
@@ -213,7 +293,7 @@ class TextToVideo:
                 x = x.at[:, :k].set(given)
                 if clean_context:
                     t = self.token_times(t, k, x.shape[1:])
-            return self.dit.apply({"params": params}, x, t, tokens if cond else empty)
+            return self.apply_dit(params, x, t, tokens if cond else empty)
 
         latent = sample_ode(velocity, noise, steps=steps, guidance=guidance, shift=self.shift,
                             method=method)

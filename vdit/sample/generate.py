@@ -48,11 +48,19 @@ def params_hash(params) -> str:
 
 
 def generate(system: TextToVideo, params, stats: Stats, prompts: list[str], *, num: int,
-             seed: int, cfg: SampleConfig) -> np.ndarray:
+             seed: int, cfg: SampleConfig, negative_prompt: str | None = None) -> np.ndarray:
     """`num` videos per prompt -> uint8 [len(prompts) * num, T, H, W, 3], prompt-major.
 
     Deterministic for (params, prompts, num, seed, cfg): prompt i uses key fold_in(seed, i).
+    A run with a pretrained text encoder runs it (the run's text.checkpoint, checked against
+    text.checkpoint_sha256) on each prompt and on `negative_prompt` (default: the empty one).
     """
+    if system.embedded:
+        return _generate_embedded(system, params, stats, prompts, num=num, seed=seed, cfg=cfg,
+                                  negative_prompt=negative_prompt)
+    if negative_prompt is not None:
+        raise ConfigError("--negative-prompt needs a run with a pretrained text encoder "
+                          "(text.encoder t5 or precomputed)")
     for p in prompts:
         unknown = system.tokenizer.unknown_words(p)
         if unknown:
@@ -65,6 +73,25 @@ def generate(system: TextToVideo, params, stats: Stats, prompts: list[str], *, n
         tokens = np.repeat(system.tokenizer.encode(prompt)[None], num, axis=0)
         key = jax.random.fold_in(jax.random.key(seed), i)
         videos.append(np.asarray(run(params, tokens, stats, key)))
+    return np.concatenate(videos)
+
+
+def _generate_embedded(system: TextToVideo, params, stats: Stats, prompts: list[str], *,
+                       num: int, seed: int, cfg: SampleConfig,
+                       negative_prompt: str | None) -> np.ndarray:
+    from vdit.data.captions import CaptionEncoder
+
+    t = system.cfg.text
+    encoder = CaptionEncoder(t.checkpoint, t.max_length, t.dtype, t.checkpoint_sha256)
+    run = jax.jit(partial(system.generate, steps=cfg.steps, guidance=cfg.guidance,
+                          method=cfg.sampler))
+    uncond = encoder.conditioning([negative_prompt or ""])
+    uncond = tuple(np.repeat(x, num, axis=0) for x in uncond)
+    videos = []
+    for i, prompt in enumerate(prompts):
+        text = tuple(np.repeat(x, num, axis=0) for x in encoder.conditioning([prompt]))
+        key = jax.random.fold_in(jax.random.key(seed), i)
+        videos.append(np.asarray(run(params, text, stats, key, uncond=uncond)))
     return np.concatenate(videos)
 
 
@@ -158,7 +185,7 @@ def sample_run(cfg: Config, system: TextToVideo, params, stats: Stats, out_dir: 
                prompts: list[str] | None = None, num: int | None = None,
                seed: int | None = None, marking: Marking = Marking(),
                context: np.ndarray | None = None, context_frames: int = 0,
-               overwrite: bool = False) -> list[Path]:
+               overwrite: bool = False, negative_prompt: str | None = None) -> list[Path]:
     """Generate from `prompts` (default: the config's) and write files under out_dir; with
     `context` (uint8 frames), continue it from its first `context_frames` latent frames.
     An earlier sample set in out_dir is refused (ConfigError) unless `overwrite`."""
@@ -168,7 +195,8 @@ def sample_run(cfg: Config, system: TextToVideo, params, stats: Stats, out_dir: 
     if not overwrite:  # checked before the (long) generation
         _check_unused(Path(out_dir), prompts, num, seed)
     if context is None:
-        videos = generate(system, params, stats, prompts, num=num, seed=seed, cfg=cfg.sample)
+        videos = generate(system, params, stats, prompts, num=num, seed=seed, cfg=cfg.sample,
+                          negative_prompt=negative_prompt)
     else:
         videos = continue_prompts(system, params, stats, prompts, context, context_frames,
                                   num=num, seed=seed, cfg=cfg.sample)

@@ -64,6 +64,9 @@ def _summarise(system: System, records: list[dict], run_dir: Path, log) -> dict:
 def train(cfg: Config, *, system: System | None = None, log=print) -> dict:
     """Train `system` (default: the text-to-video DiT), resuming from the run's latest
     checkpoint if there is one; returns a summary."""
+    from vdit.data.captions import resolve_text
+
+    cfg = resolve_text(cfg)  # the shards' encoder checked; the run names it in config.yaml
     tc = cfg.train
     run_dir = Path(tc.run_dir)
     check_resume_compatible(run_dir, cfg)
@@ -78,10 +81,11 @@ def train(cfg: Config, *, system: System | None = None, log=print) -> dict:
     trainer = build_trainer(cfg, system, restoring=ckpt.latest_step() is not None)
     system = trainer.system
     state, tokenizer = trainer.state, physics_tokenizer(cfg.text.max_length)
+    embeddings = cfg.text.encoder == "precomputed"
     data_iter = train_iterator(cfg.data, tokenizer, tc.batch_size, shuffle_seed=tc.seed,
-                               patch=cfg.model.patch)
+                               patch=cfg.model.patch, embeddings=embeddings)
     eval_batch = trainer.replicated_batch(
-        fixed_batch(cfg.data, tokenizer, "eval", cfg.data.num_eval_clips))
+        fixed_batch(cfg.data, tokenizer, "eval", cfg.data.num_eval_clips, embeddings))
     eval_key = jax.random.key(tc.seed + 1)
     if system.kind == "autoencoder":
         stats_videos = trainer.replicated_batch(
