@@ -113,7 +113,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
                       run_id=f"{Path(args.run_dir).resolve().name}@{step}",
                       c2pa_cert=args.c2pa_cert, c2pa_key=args.c2pa_key)
     paths = sample_run(cfg, system, params, stats, out, args.prompt or None, args.num,
-                       args.seed, marking, context, args.context_frames or 0, args.overwrite)
+                       args.seed, marking, context, args.context_frames or 0, args.overwrite,
+                       negative_prompt=args.negative_prompt)
     for p in paths:
         print(p)
     return 0
@@ -179,6 +180,12 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
     from vdit.data.tokenize import TokenizeOptions, tokenize
 
     cfg = load_from_command_line(args.config, args.overrides)
+    if args.text_encoder:  # captions through a pretrained encoder, stored as embeddings
+        import dataclasses
+
+        encoder = "precomputed" if cfg.text.encoder == "transformer" else cfg.text.encoder
+        cfg = dataclasses.replace(cfg, text=dataclasses.replace(
+            cfg.text, encoder=encoder, checkpoint=args.text_encoder, checkpoint_sha256=""))
     world = cfg.data.world  # default bucket: the clip shape this config trains on
     try:
         buckets = parse_buckets(args.buckets or f"{world.frames}x{world.height}x{world.width}")
@@ -187,7 +194,10 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
     if args.videos:
         if not args.captions:
             raise ConfigError("--videos needs --captions (a .csv or .jsonl file)")
-        source = sources.FolderSource(args.videos, args.captions, args.license)
+        try:
+            source = sources.FolderSource(args.videos, args.captions, args.license)
+        except ValueError as e:  # a captions file without the columns it needs, bad JSON
+            raise ConfigError(f"--captions: {e}") from None
         what = {"source": "folder", "videos": args.videos, "captions": args.captions}
     elif args.tfds:
         source = sources.TfdsSource(args.tfds, args.data_dir, args.split,
@@ -315,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--c2pa-cert", default=None, help="PEM certificate chain: sign a C2PA "
                    "manifest into each mp4 (needs pip install 'vdit[c2pa]')")
     p.add_argument("--c2pa-key", default=None, help="PEM private key of --c2pa-cert")
+    p.add_argument("--negative-prompt", default=None, help="guidance pushes away from this "
+                   "caption instead of the empty one (runs with a pretrained text encoder)")
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("detect", help="check a video for vdit's watermark (exit 0 if present)")
@@ -347,6 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=POSITIVE, default=256, help="inputs per shard")
     p.add_argument("--batch", type=POSITIVE, default=8, help="clips per encoder call")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--text-encoder", default=None, metavar="PATH",
+                   help="a T5-family Hugging Face folder: store each caption's embeddings "
+                   "(text.dtype) for text.encoder=precomputed (default: the config's "
+                   "text.checkpoint when text.encoder is t5 or precomputed)")
     p.add_argument("--license", default="unknown", help="licence of inputs that name none")
     p.add_argument("--process", type=NON_NEGATIVE, default=0, help="this process's number")
     p.add_argument("--processes", type=POSITIVE, default=1, help="processes sharing the work")
@@ -371,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
 
         host_allocator.ensure()
     from vdit.config import ConfigError
+    from vdit.io.hf_folder import CheckpointFormatError
     from vdit.io.safetensors_io import ExportError
     from vdit.parallel.distributed import DistributedError
     from vdit.train.guards import TrainingStopped
@@ -378,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     _setup_jax()
     try:
         return args.func(args)
-    except (ConfigError, ExportError, DistributedError, FileNotFoundError) as e:
+    except (ConfigError, ExportError, DistributedError, FileNotFoundError,
+            CheckpointFormatError) as e:
         print(f"vdit {args.command}: error: {e}", file=sys.stderr)
         return 2
     except TrainingStopped as e:

@@ -41,7 +41,11 @@ def export_run(run_dir: str | Path, *, to: str = "safetensors", out: str | Path 
         params = params["vae"]
     info = {"kind": kind, "config": config_lib.to_dict(cfg), "step": int(state["step"]),
             "weights": "raw" if raw else "ema"}
-    if kind == "dit":  # what turns a caption into the tokens the weights were trained on
+    if kind == "dit" and cfg.text.encoder != "transformer":  # the encoder a caption needs
+        info["text_encoder"] = {"kind": cfg.text.encoder, "path": cfg.text.checkpoint,
+                                "sha256": cfg.text.checkpoint_sha256, "width": cfg.text.width,
+                                "max_length": cfg.text.max_length, "dtype": cfg.text.dtype}
+    elif kind == "dit":  # what turns a caption into the tokens the weights were trained on
         from vdit.data.physics import physics_tokenizer
         from vdit.models.text import BOS, PAD, UNK
 
