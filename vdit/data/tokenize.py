@@ -172,8 +172,7 @@ def tokenize(source, cfg: Config, opts: TokenizeOptions, *, log_fn=print) -> dic
     if cfg.text.encoder != "transformer":  # loaded (and checked) before any video is read
         from vdit.data.captions import CaptionEncoder
 
-        captions = CaptionEncoder(cfg.text.checkpoint, cfg.text.max_length, cfg.text.dtype,
-                                  batch=max(opts.batch, 8))
+        captions = CaptionEncoder(cfg.text.checkpoint, cfg.text.max_length, cfg.text.dtype)
     if todo:
         encoder = BatchEncoder(cfg, opts.dtype)
         tokenizer = captions or physics_tokenizer(cfg.text.max_length)
