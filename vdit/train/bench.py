@@ -39,7 +39,7 @@ class WarmStep:
     def __init__(self, cfg: Config, warmup: int = 2, compiler_options: dict | None = None):
         self.trainer = build_trainer(cfg)
         host = fixed_batch(cfg.data, self.trainer.system.tokenizer, "train",
-                           cfg.train.batch_size)
+                           cfg.train.batch_size, cfg.text.encoder == "precomputed")
         self.batch = self.trainer.device_batch(host)
         with self.trainer.context():
             t0 = time.perf_counter()
