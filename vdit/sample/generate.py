@@ -194,6 +194,9 @@ def sample_run(cfg: Config, system: TextToVideo, params, stats: Stats, out_dir: 
     seed = cfg.sample.seed if seed is None else seed
     if not overwrite:  # checked before the (long) generation
         _check_unused(Path(out_dir), prompts, num, seed)
+    if context is not None and system.embedded:
+        raise ConfigError("--context: continuation reads word-tokenizer captions; this run uses "
+                          f"text.encoder '{cfg.text.encoder}'")
     if context is None:
         videos = generate(system, params, stats, prompts, num=num, seed=seed, cfg=cfg.sample,
                           negative_prompt=negative_prompt)
