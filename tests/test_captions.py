@@ -102,6 +102,10 @@ def test_shards_of_another_text_encoder_are_refused(t5_shards, tmp_path):
     words["text"] = {"max_length": 32}  # the jointly trained word encoder
     with pytest.raises(ConfigError, match=r"text\.encoder 'transformer' .* hold t5 encoder"):
         resolve_text(from_dict(words))
+    wide = json.loads(json.dumps(d))
+    wide["text"] = _text(width=48, checkpoint="")
+    with pytest.raises(ConfigError, match=r"text\.width: config 48, data\.shards .* 32"):
+        resolve_text(from_dict(wide))
     # A precomputed run takes the encoder its shards name, with its checksum.
     plain = json.loads(json.dumps(d))
     plain["text"] = _text(checkpoint="")
@@ -120,7 +124,7 @@ def test_precomputed_embeddings_give_the_in_step_encoders_loss(t5_shards, mode):
 
     d, shards = t5_shards
     d = json.loads(json.dumps(d))
-    d["data"].update(batching=mode, pack_budget=288, pack_clips=2)
+    d["data"].update(batching=mode, pack_budget=432, pack_clips=3)
     systems, stats = {}, {}
     latents = first_clips(str(shards), 4, 64)["latent"]
     for route in ("precomputed", "t5"):
@@ -131,7 +135,9 @@ def test_precomputed_embeddings_give_the_in_step_encoders_loss(t5_shards, mode):
     assert "text_encoder" in stats["t5"] and "text_encoder" not in stats["precomputed"]
     np.testing.assert_allclose(stats["t5"]["null_text"], stats["precomputed"]["null_text"])
     batch = next(iter(shard_dataset(str(shards), batch=2, caption_length=64, seed=0, mode=mode,
-                                    budget=288, clips_per_row=2, embeddings=True)))
+                                    budget=432, clips_per_row=3, embeddings=True)))
+    if mode == "pack":  # rows of several clips: each caption must be encoded on its own
+        assert (batch["text_segment_ids"].max(axis=1) >= 2).all()
     params = jax.jit(systems["t5"].init)(jax.random.key(0))["params"]
     # Random weights everywhere (at init the cross-attention's output is zero: text unseen).
     leaves, tree = jax.tree.flatten(nn.unbox(params))
@@ -139,7 +145,7 @@ def test_precomputed_embeddings_give_the_in_step_encoders_loss(t5_shards, mode):
     params = tree.unflatten([p + 0.1 * jax.random.normal(k, p.shape)
                              for p, k in zip(leaves, keys, strict=True)])
     # A key that drops some captions (to the empty one) and keeps others.
-    rows = 2 * (2 if mode == "pack" else 1)
+    rows = batch["tokens"].size // 64  # captions in the batch
     key = next(k for k in map(jax.random.key, range(100)) if 0 < int(jax.random.bernoulli(
         jax.random.split(k, 3)[0], 0.5, (rows,)).sum()) < rows)
     loss_pre, _ = jax.jit(systems["precomputed"].loss)(params, batch, stats["precomputed"], key)
