@@ -88,6 +88,14 @@ def test_record_keeps_real_tokens_and_length(t5_shards):
         np.testing.assert_array_equal(rec.tokens, i[:n])
         np.testing.assert_allclose(rec.text, e[:n], atol=1e-6)
     assert max(len(r.tokens) for r in records) == 64 > min(len(r.tokens) for r in records)
+    # The empty caption (dropout, guidance) is the encoder's own output for "".
+    from vdit.data.captions import null_caption
+
+    null = null_caption(enc, 64, 32)
+    empty, empty_mask = encoder.conditioning([""])
+    np.testing.assert_array_equal(null["null_mask"], empty_mask[0])
+    np.testing.assert_allclose(null["null_text"], empty[0] * empty_mask[0][:, None], atol=1e-6)
+    assert null["null_mask"].sum() == 1  # "</s>"
 
 
 def test_shards_of_another_text_encoder_are_refused(t5_shards, tmp_path):
