@@ -90,13 +90,20 @@ class CaptionEncoder:
         out = []
         for s in range(0, len(ids), self.batch):
             part_ids, part_mask = ids[s: s + self.batch], mask[s: s + self.batch]
+            # Only as many positions as the batch's longest caption (in steps of 32, so few
+            # programs compile): padding is masked and T5's position bias is relative, so the
+            # real tokens' outputs are those of the full length; the rest is zero-filled.
+            length = ids.shape[1]
+            cut = min(length, -(-max(int(part_mask.sum(1).max()), 1) // 32) * 32)
+            part_ids, part_mask = part_ids[:, :cut], part_mask[:, :cut]
             pad = self.batch - len(part_ids)
             if pad:
-                part_ids = np.concatenate([part_ids, np.zeros((pad, ids.shape[1]), ids.dtype)])
-                part_mask = np.concatenate([part_mask, np.zeros((pad, ids.shape[1]),
-                                                                mask.dtype)])
-            hidden = np.asarray(self.encoder.encode(part_ids, part_mask))
-            out.append(hidden[: self.batch - pad].astype(DTYPES[self.dtype]))
+                part_ids = np.concatenate([part_ids, np.zeros((pad, cut), ids.dtype)])
+                part_mask = np.concatenate([part_mask, np.zeros((pad, cut), mask.dtype)])
+            hidden = np.asarray(self.encoder.encode(part_ids, part_mask))[: self.batch - pad]
+            full = np.zeros((len(hidden), length, self.width), DTYPES[self.dtype])
+            full[:, :cut] = hidden * part_mask[: len(hidden), :, None]
+            out.append(full)
         return np.concatenate(out) if out else np.zeros((0, ids.shape[1], self.width),
                                                         DTYPES[self.dtype])
 
