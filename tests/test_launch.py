@@ -18,7 +18,9 @@ INSTALL = "git+https://github.com/acme/vdit.git@v0.1"
 @pytest.fixture
 def config(tmp_path):
     path = tmp_path / "my run.yaml"  # a space: quoting must hold it together
-    path.write_text("model:\n  depth: 2\n")
+    # A config that loads (launch refuses one that would fail on every host): 9 = 1 + 4k frames
+    # for the default causal autoencoder.
+    path.write_text("model:\n  depth: 2\ndata:\n  world:\n    frames: 9\n")
     return path
 
 

@@ -99,6 +99,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
+    from vdit.io.run_dir import check_output_dir
     from vdit.sample.generate import Marking, default_key, free_samples_dir, sample_run
     from vdit.sample.loading import load_for_sampling
 
@@ -106,6 +107,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         print("WARNING: --no-watermark: these videos carry NO invisible watermark and cannot be "
               "detected as AI-generated from their pixels; their sidecars record this.",
               file=sys.stderr)
+    _check_c2pa(args)
+    if args.out:
+        check_output_dir(args.out, "--out")
     cfg, system, params, stats, step = load_for_sampling(args.run_dir, args.step, args.raw)
     context = _read_context(args, cfg)
     out = Path(args.out) if args.out else free_samples_dir(args.run_dir)
@@ -118,6 +122,20 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     for p in paths:
         print(p)
     return 0
+
+
+def _check_c2pa(args: argparse.Namespace) -> None:
+    """C2PA signing needs both files. Checked before sampling: the signer would otherwise find
+    a missing file only after the first video, and one flag alone silently signed nothing."""
+    from vdit.config import ConfigError
+
+    given = {"--c2pa-cert": args.c2pa_cert, "--c2pa-key": args.c2pa_key}
+    if any(given.values()) and not all(given.values()):
+        have, need = sorted(given, key=lambda k: not given[k])
+        raise ConfigError(f"{have} needs {need} (C2PA signing uses both)")
+    for flag, path in given.items():
+        if path and not Path(path).is_file():
+            raise ConfigError(f"{flag}: {path} is not a file")
 
 
 def _read_context(args: argparse.Namespace, cfg):
@@ -178,7 +196,11 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
     from vdit.data import sources
     from vdit.data.buckets import parse_buckets
     from vdit.data.tokenize import TokenizeOptions, tokenize
+    from vdit.io.run_dir import check_output_dir
 
+    check_output_dir(args.out, "out")
+    if args.videos and not Path(args.videos).is_dir():
+        raise ConfigError(f"--videos: {args.videos} is not a folder")
     cfg = load_from_command_line(args.config, args.overrides)
     if args.text_encoder:  # captions through a pretrained encoder, stored as embeddings
         import dataclasses

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from vdit.config import ConfigError
+from vdit.config import ConfigError, load_config
 from vdit.parallel.topologies import parse_target
 
 REMOTE_DIR = "vdit-run"  # working directory on every host (relative to the login's home)
@@ -66,6 +66,11 @@ def tpu_commands(args: argparse.Namespace) -> list[list[str]]:
     config = Path(args.config)
     if not config.is_file():
         raise ConfigError(f"--config {args.config}: no such file")
+    # This file is what every host trains on: a typo is refused here, not on each host after
+    # the copy (load_config names the key; no files it names are opened).
+    load_config(config, args.overrides)
+    if args.wheel and not Path(args.wheel).is_file():
+        raise ConfigError(f"--wheel {args.wheel}: no such file")
     if args.xpk:
         return [xpk_command(args, config)]
     copies = [str(config)] + ([args.wheel] if args.wheel else [])

@@ -179,11 +179,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """YAML file (default: experiments/default.yaml) + dotted overrides -> validated Config."""
     path = find_config_file(path) if path is not None else DEFAULT_CONFIG
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} " + ("is a folder, not a YAML file"
+                                                    if path.is_dir() else "does not exist"))
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except UnicodeDecodeError:  # a video or a checkpoint given where the config goes
+        raise ConfigError(f"{path}: not a text file, so not a YAML config") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     return from_dict(_merge(data, parse_overrides(overrides or [])))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vdit.config import ConfigError
 from vdit.data.buckets import SkipClip
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v")
@@ -29,6 +30,9 @@ class RawClip:
 def _read_captions(path: Path) -> dict[str, dict]:
     """CSV with a header (`path`, `caption`, optional `license`) or JSONL with those keys."""
     rows: list[dict] = []
+    if not path.is_file():
+        raise ValueError(f"{path}: " + ("a folder, not a captions file" if path.is_dir()
+                                        else "no such file"))
     if path.suffix == ".jsonl":
         for n, line in enumerate(path.read_text().splitlines(), 1):
             if line.strip():
@@ -43,6 +47,8 @@ def _read_captions(path: Path) -> dict[str, dict]:
         raise ValueError(f"{path}: captions must be .csv or .jsonl")
     if rows and not {"path", "caption"} <= set(rows[0]):
         raise ValueError(f"{path}: needs columns 'path' and 'caption', has {sorted(rows[0])}")
+    if not rows:  # every video would be skipped as uncaptioned: refuse rather than write nothing
+        raise ValueError(f"{path}: no captions in it")
     return {str(r["path"]): r for r in rows}
 
 
@@ -87,7 +93,13 @@ class TfdsSource:
         import tensorflow_datasets as tfds
 
         self.name, self.split = name, split
-        self.source = tfds.data_source(name, split=split, data_dir=data_dir)
+        try:
+            self.source = tfds.data_source(name, split=split, data_dir=data_dir)
+        except tfds.core.registered.DatasetNotFoundError:
+            # tfds's own message lists every registered dataset: hundreds of lines.
+            raise ConfigError(f"--tfds {name}: no TFDS dataset of that name (registered, or "
+                              f"built under {data_dir or tfds.core.constants.DATA_DIR})"
+                              ) from None
         self.video_key, self.caption_key, self.fps = video_key, caption_key, fps
         self.default_license = default_license
 

@@ -14,7 +14,7 @@ from tqdm import tqdm
 from vdit.data.physics import physics_tokenizer
 from vdit.data.pipeline import fixed_batch
 from vdit.data.video_io import write_gif
-from vdit.io.run_dir import load_autoencoder
+from vdit.io.run_dir import check_output_dir, load_autoencoder
 from vdit.train.autoencoder_system import AutoencoderSystem, side_by_side
 
 
@@ -24,6 +24,8 @@ def evaluate_autoencoder(path: str | Path, *, clips: int = 64, batch: int = 8,
     its own physics world; writes eval_ae.json and eval_ae.gif to `out` (default: `path`; for
     an autoencoder shipped with vdit, found outside the working directory, `./eval-ae-NAME`)."""
     cfg, params, _ = load_autoencoder(path)
+    if out is not None:  # refused before the evaluation rather than after it
+        check_output_dir(out, "--out")
     system = AutoencoderSystem(cfg)
     params = {"vae": jax.tree.map(jnp.asarray, params)}
     videos = fixed_batch(cfg.data, physics_tokenizer(cfg.text.max_length), "eval",

@@ -24,6 +24,7 @@ from vdit.data.physics import Clip, WorldConfig, make_caption, simulate
 from vdit.data.pipeline import clip_seed
 from vdit.eval.physics_metrics import clip_metrics, split_mean
 from vdit.eval.tracker import track
+from vdit.io.run_dir import check_output_dir
 
 SOURCES = ("ground truth", "autoencoder", "model")
 METRICS = ("velocity_error", "gravity_error", "radius_drift", "permanence_failure",
@@ -112,7 +113,12 @@ def evaluate_run(run_dir: str | Path, *, clips: int = 8, context_frames: int | N
                  seed: int = 0, raw: bool = False, progress: bool = True) -> tuple[dict, dict]:
     """(result, traces) for one DiT run: result is the JSON table; traces holds, per split,
     the clips and the model's tracks for plotting."""
-    from vdit.sample.continuation import continue_videos, describe_method, video_frames_for
+    from vdit.sample.continuation import (
+        check_context_frames,
+        continue_videos,
+        describe_method,
+        video_frames_for,
+    )
     from vdit.sample.loading import load_for_sampling
 
     run_dir = Path(run_dir)
@@ -124,6 +130,7 @@ def evaluate_run(run_dir: str | Path, *, clips: int = 8, context_frames: int | N
     cfg, system, params, stats, step = load_for_sampling(run_dir, max(steps, default=None),
                                                          raw=raw)
     k = default_context_frames(cfg) if context_frames is None else context_frames
+    check_context_frames(cfg, k)  # before the autoencoder pass, not after it
     start = video_frames_for(cfg, k)
     world = cfg.data.world
     worlds = split_worlds(world)
@@ -239,13 +246,16 @@ def run_eval_physics(run_dirs: list[str], *, clips: int = 8, out: str | None = N
     if len(run_dirs) > 1 and not out:
         raise ConfigError("--out: needed when evaluating several runs")
     out_dir = Path(out) if out else Path(run_dirs[0]) / "physics"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out:  # refused before minutes of evaluation; the default is checked with its run
+        check_output_dir(out_dir, "--out")
     results = []
     for run in run_dirs:
         result, traces = evaluate_run(run, clips=clips, context_frames=context_frames,
                                       seed=seed, raw=raw, progress=progress)
         tqdm.write(format_table(result))
         results.append((result, traces))
+    # Created once every run has been read: a RUN_DIR that is not a run gets no physics/.
+    out_dir.mkdir(parents=True, exist_ok=True)
     # Plots of one run: the only one, or the one trained with the most compute.
     best, traces = max(results, key=lambda rt: rt[0]["flops"])
     plots = [plot_errors_by_split(best, out_dir / "error_by_split.png"),

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from vdit import config as config_lib
 from vdit.io.checkpoint import Checkpointer
+from vdit.io.run_dir import check_output_dir
 from vdit.io.safetensors_io import seal, write_export
 
 ROUTES = ("safetensors", "stablehlo", "params")
@@ -27,7 +28,7 @@ def export_run(run_dir: str | Path, *, to: str = "safetensors", out: str | Path 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
         raise FileNotFoundError(f"{run_dir} is not a vdit run directory (no config.yaml)")
-    out = Path(out) if out else run_dir / f"export_{to}"
+    out = check_output_dir(out if out else run_dir / f"export_{to}", "--out")
     if not overwrite and out.is_dir() and any(out.iterdir()):
         raise config_lib.ConfigError(f"{out} is not empty (an earlier export?); choose another "
                                      "--out, or pass --overwrite to write over it")

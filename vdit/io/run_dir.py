@@ -9,6 +9,7 @@ caller's job (`vdit.sample.loading.load_for_sampling` for a DiT).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from vdit import config as config_lib
@@ -25,8 +26,24 @@ RESUMABLE_KEYS = (
 )
 
 
+def check_output_dir(path: str | Path, argument: str) -> Path:
+    """Refuse, before any work is done, a folder to write into that cannot be one: `path` or
+    the nearest of its ancestors that exists is a file, or is not writable. `argument` names
+    what the user gave (`--out`, `train.run_dir`), so the error points at it."""
+    path = Path(path)
+    existing = next(p for p in (path, *path.parents) if p.exists() or p == Path(p.anchor)
+                    or str(p) == ".")
+    if not existing.is_dir():
+        what = "exists and is not a folder" if existing == path else f"is under {existing}, a file"
+        raise ConfigError(f"{argument}: {path} {what}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{argument}: {path}: cannot write in {existing} (permission denied)")
+    return path
+
+
 def check_resume_compatible(run_dir: Path, cfg: Config) -> None:
     """Refuse to resume a run under a config that changes the experiment, naming the keys."""
+    check_output_dir(run_dir, "train.run_dir")
     saved_path = run_dir / "config.yaml"
     if not saved_path.exists() or not (run_dir / "checkpoints").exists():
         return

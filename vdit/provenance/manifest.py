@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from vdit.config import ConfigError
 from vdit.io import atomic
 
 DIGITAL_SOURCE_TYPE = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
@@ -141,7 +142,7 @@ def sign_c2pa(video_path: str | Path, record: dict[str, Any], cert_path: str | P
     video, cert, key = Path(video_path), Path(cert_path), Path(key_path)
     for what, p in (("video", video), ("certificate", cert), ("private key", key)):
         if not p.is_file():
-            raise ValueError(f"C2PA signing: {what} file not found: {p}")
+            raise ConfigError(f"C2PA signing: {what} file not found: {p}")
     try:
         import c2pa
     except ImportError:
@@ -158,10 +159,12 @@ def sign_c2pa(video_path: str | Path, record: dict[str, Any], cert_path: str | P
                   c2pa.Builder(c2pa_manifest(record, video.name)) as builder):
                 builder.sign_file(video, tmp, signer)
         except c2pa.C2paError as e:
-            raise ValueError(f"C2PA signing of {video} failed: {e}. Check that the key matches "
-                             f"the certificate, that alg={alg!r} fits the key, and that the "
-                             f"certificate is CA-issued (self-signed ones are refused)"
-                             ) from None
+            # A user's certificate or key, not a bug: a ConfigError, which `vdit` reports in
+            # one line.
+            raise ConfigError(f"C2PA signing of {video} failed: {e}. Check that the key "
+                              f"matches the certificate, that alg={alg!r} fits the key, and that "
+                              f"the certificate is CA-issued (self-signed ones are refused)"
+                              ) from None
     return video
 
 

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vdit.config import ConfigError
+
 HUBER_DELTA = 1e-3
 PARAM_NAMES = ("a", "b", "e", "alpha", "beta")
 # Exponents are kept in [0, 4]: outside it the law has no meaning, and L-BFGS-B stays finite.
@@ -296,6 +298,24 @@ def fit_rows(rows: list[dict], *, n_boot: int = 200, seed: int = 0, ci: float = 
     }
 
 
+LEDGER_KEYS = ("per_token_params", "tokens", "eval_loss", "flops")
+
+
+def _check_rows(path: Path, rows: list[dict]) -> None:
+    """Refuse a ledger the fit cannot use, naming the file: too few rows (an empty file, or
+    lines that are not JSON) or rows without the numbers the fit reads."""
+    for i, row in enumerate(rows, 1):
+        bad = [k for k in LEDGER_KEYS if not isinstance(row, dict)
+               or not isinstance(row.get(k), int | float)]
+        if bad:
+            raise ConfigError(f"{path}: row {i} is not a sweep ledger row (no number for "
+                              f"{', '.join(bad)})")
+    if len(rows) < 6:
+        lines = sum(1 for line in path.read_text(errors="replace").splitlines() if line.strip())
+        raise ConfigError(f"{path}: {len(rows)} finished runs in it ({lines} non-empty lines); "
+                          "the fit needs at least 6 for its 5 parameters")
+
+
 def fit_ledger(ledger_path: str | Path, out_dir: str | Path, *, n_boot: int = 200,
                seed: int = 0, starts: np.ndarray | str = "full", top: int | None = 64) -> dict:
     """Fit a ledger; write OUT_DIR/fit.json, the plots and a copy of the ledger."""
@@ -303,6 +323,7 @@ def fit_ledger(ledger_path: str | Path, out_dir: str | Path, *, n_boot: int = 20
 
     ledger_path, out_dir = Path(ledger_path), Path(out_dir)
     rows = read_ledger(ledger_path)
+    _check_rows(ledger_path, rows)
     result = fit_rows(rows, n_boot=n_boot, seed=seed, starts=starts, top=top)
     result["ledger"] = str(ledger_path)
     out_dir.mkdir(parents=True, exist_ok=True)

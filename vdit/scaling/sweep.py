@@ -132,11 +132,14 @@ def load_grid(path: str | Path) -> Grid:
     """Read and validate a grid file; GridError names the file and the offending key."""
     path = Path(path)
     if not path.is_file():
-        raise GridError(f"grid file {path} does not exist")
+        raise GridError(f"grid file {path} " + ("is a folder, not a YAML file" if path.is_dir()
+                                                else "does not exist"))
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise GridError(f"{path}: not valid YAML: {e}") from None
+    except UnicodeDecodeError:  # a binary file given where the grid goes
+        raise GridError(f"{path}: not a text file, so not a YAML grid") from None
     if not isinstance(raw, dict):
         raise GridError(f"{path}: expected a mapping of grid keys at the top level")
     for key in raw:
@@ -391,7 +394,15 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     ledger = src / LEDGER if src.is_dir() else src
     if not ledger.is_file():
         raise FileNotFoundError(f"no ledger at {ledger}")
+    if args.bootstrap < 0:
+        raise ConfigError(f"--bootstrap: must be >= 0, got {args.bootstrap}")
+    if args.top is not None and args.top < 1:
+        raise ConfigError(f"--top: must be >= 1, got {args.top}")
     out = Path(args.out) if args.out else ledger.parent
+    if args.out:  # refused before the fit's minutes, not after
+        from vdit.io.run_dir import check_output_dir
+
+        check_output_dir(out, "--out")
     result = fit_ledger(ledger, out, n_boot=args.bootstrap, seed=args.seed, starts=args.starts,
                         top=args.top)
     print(format_fit(result))
