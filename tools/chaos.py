@@ -4,9 +4,13 @@ end bit-identical to an uninterrupted run?
     python tools/chaos.py --runs 10 --steps 30
 
 Each run trains a tiny DiT in a subprocess (asynchronous checkpoints every few steps, so kills
-land during saves too), is SIGKILLed at a random moment, and is resumed with the same command
-until it finishes. Per kill it prints the step reached, the checkpoint resumed from (the work
-lost) and whether the final params and losses equal the uninterrupted run's.
+land during saves too). It is SIGKILLed a random delay (under two step times) after
+metrics.jsonl shows a random training step, so every kill lands in training rather than in
+start-up or after the end; sometimes the resumed run is killed again in its first steps. Then it
+is resumed with the same command until it finishes. Per kill it prints the step reached, whether
+a checkpoint save was in flight, the checkpoint resumed from (the work lost) and whether the
+final params and losses equal the uninterrupted run's. It fails unless every kill landed before
+the last step and every run ended bit-identical.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -45,17 +50,82 @@ def _config(run_dir: Path, steps: int, every: int) -> Path:
     return path
 
 
-def _train(config: Path) -> subprocess.Popen:
+def _train(config: Path, log: Path) -> subprocess.Popen:
+    """`vdit train CONFIG` in a subprocess; its stderr goes to `log` (a pipe nobody reads while
+    the run is watched would fill up and stall the run)."""
     env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
-    return subprocess.Popen([sys.executable, "-m", "vdit.cli", "train", str(config)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with log.open("a") as err:
+        return subprocess.Popen([sys.executable, "-m", "vdit.cli", "train", str(config)],
+                                env=env, stdout=subprocess.DEVNULL, stderr=err)
 
 
-def _last_step(run_dir: Path) -> int:
-    from vdit.train.metrics import read_metrics
+def _records(path: Path, offset: int = 0) -> list[dict]:
+    """The whole lines of metrics.jsonl from byte `offset` on (a line being written is skipped)."""
+    if not path.exists():
+        return []
+    with path.open("rb") as f:
+        f.seek(offset)
+        data = f.read()
+    out = []
+    for line in data.split(b"\n")[:-1]:  # the part after the last newline may be torn
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
 
-    path = run_dir / "metrics.jsonl"
-    return max((r.get("step", 0) for r in read_metrics(path)), default=0) if path.exists() else 0
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def _saved_steps(run: Path) -> list[int]:
+    ckpts = run / "checkpoints"
+    return sorted(int(p.name) for p in ckpts.glob("*") if p.name.isdigit()) \
+        if ckpts.exists() else []
+
+
+def _saves_in_flight(run: Path) -> set[str]:
+    """Orbax writes a checkpoint under a temporary name and renames it when complete."""
+    ckpts = run / "checkpoints"
+    return {p.name for p in ckpts.glob("*.orbax-checkpoint-tmp*")} if ckpts.exists() else set()
+
+
+@dataclass
+class Kill:
+    """Where one SIGKILL landed."""
+
+    target: int  # the training step whose metrics line the kill waited for
+    delay: float  # seconds slept after that line appeared
+    alive: bool = False  # the run was still running when the signal went out
+    reached: int = 0  # the last step in metrics.jsonl when it died
+    mid_save: bool = False  # an asynchronous checkpoint save was being written
+    resumed_from: int = 0  # the newest complete checkpoint left behind
+
+    def mid_training(self, steps: int) -> bool:
+        return self.alive and self.reached < steps
+
+
+def _kill_after_step(proc: subprocess.Popen, run: Path, target: int, delay: float,
+                     offset: int, start: int, timeout: float) -> Kill:
+    """SIGKILL `proc` `delay` seconds after this launch logged training step `target` (records
+    before byte `offset` of metrics.jsonl belong to earlier launches; it resumed at `start`)."""
+    kill = Kill(target, delay)
+    metrics, before = run / "metrics.jsonl", _saves_in_flight(run)
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        if any("loss" in r and r["step"] >= target for r in _records(metrics, offset)):
+            time.sleep(delay)  # the chaos itself: a random moment within the next steps
+            break
+        time.sleep(0.005)
+    kill.alive = proc.poll() is None
+    proc.kill()
+    proc.wait()
+    # This launch's lines only: an earlier, killed launch may have logged further.
+    kill.reached = max((r.get("step", 0) for r in _records(metrics, offset)), default=start)
+    kill.mid_save = bool(_saves_in_flight(run) - before)
+    kill.resumed_from = max(_saved_steps(run), default=0)
+    return kill
 
 
 def _fingerprint(run_dir: Path) -> tuple[str, list[float]]:
@@ -81,44 +151,74 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--checkpoint-every", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rekill", type=float, default=0.5,
+                        help="chance of killing the resumed run again in its first steps")
     args = parser.parse_args()
+    if args.steps < 4:
+        parser.error("--steps: need at least 4 (a kill waits for a step before the last two)")
     rng = random.Random(args.seed)
     root = Path(tempfile.mkdtemp(prefix="vdit-chaos-"))
+    wall0 = time.perf_counter()
 
     base = root / "uninterrupted"
     t0 = time.perf_counter()
-    proc = _train(_config(base, args.steps, args.checkpoint_every))
+    proc = _train(_config(base, args.steps, args.checkpoint_every), root / "uninterrupted.log")
     if proc.wait() != 0:
-        sys.exit(f"the uninterrupted run failed:\n{proc.stderr.read()[-2000:]}")
+        sys.exit(f"the uninterrupted run failed; see {root / 'uninterrupted.log'}")
     duration = time.perf_counter() - t0
     want = _fingerprint(base)
-    print(f"uninterrupted: {args.steps} steps in {duration:.1f} s")
-    print(f"{'run':>4} {'killed at':>10} {'step reached':>13} {'resumed from':>13} "
-          f"{'steps lost':>11} {'final state':>12}")
-    matched = 0
+    step_times = sorted(r["step_time_s"] for r in _records(base / "metrics.jsonl")
+                        if "step_time_s" in r)
+    step_s = step_times[len(step_times) // 2]
+    print(f"uninterrupted: {args.steps} steps in {duration:.1f} s ({step_s * 1e3:.0f} ms/step); "
+          f"runs in {root}")
+    print(f"{'run':>4} {'kill':>4} {'after step':>10} {'+delay':>7} {'step reached':>13} "
+          f"{'mid-save':>8} {'resumed from':>13} {'steps lost':>11} {'final state':>12}")
+    matched, kills = 0, []
+    # Kills wait for a step at most steps - 3 and sleep under two step times, so even with a
+    # checkpoint save in between they land before the last step; a miss is reported, not hidden.
+    last_target = args.steps - 3
     for i in range(args.runs):
         run = root / f"run{i}"
         config = _config(run, args.steps, args.checkpoint_every)
-        proc = _train(config)
-        # A random moment of the run's life: start-up, compile, steps or an async save.
-        kill_at = rng.uniform(0.3, 0.95) * duration
-        time.sleep(kill_at)  # the chaos itself: a kill at a random wall-clock moment
-        proc.kill()
-        proc.wait()
-        reached = _last_step(run)
-        resumed = max([int(p.name) for p in (run / "checkpoints").glob("*") if p.name.isdigit()]
-                      if (run / "checkpoints").exists() else [], default=0)
-        proc = _train(config)
+        log = root / f"run{i}.log"
+        rows, start_step, ok = [], 0, True
+        for attempt in range(2):
+            if attempt and (start_step + 1 > last_target or rng.random() >= args.rekill):
+                break
+            # The first kill lands anywhere in training; a second one hits the resumed run in
+            # its first steps (right after restore and the data iterator's fast-forward).
+            target = (rng.randint(1, last_target) if not attempt
+                      else min(start_step + rng.randint(1, 2), last_target))
+            delay = rng.uniform(0.0, 2.0 * step_s)
+            offset = _size(run / "metrics.jsonl")
+            kill = _kill_after_step(_train(config, log), run, target, delay, offset,
+                                    start_step, timeout=10 * duration)
+            kills.append(kill)
+            rows.append(kill)
+            start_step = kill.resumed_from
+        proc = _train(config, log)
         if proc.wait() != 0:
-            print(f"{i:>4} resume FAILED:\n{proc.stderr.read()[-2000:]}")
-            continue
-        same = _fingerprint(run) == want
+            ok = False
+        same = ok and _fingerprint(run) == want
         matched += same
-        print(f"{i:>4} {kill_at:>9.1f}s {reached:>13} {resumed:>13} "
-              f"{max(reached - resumed, 0):>11} {'identical' if same else 'DIFFERENT':>12}")
+        for n, k in enumerate(rows):
+            verdict = "" if n < len(rows) - 1 else (
+                "identical" if same else "DIFFERENT" if ok else "resume FAILED")
+            print(f"{i:>4} {n + 1:>4} {k.target:>10} {k.delay:>6.2f}s "
+                  f"{k.reached if k.alive else 'finished':>13} {'yes' if k.mid_save else '':>8} "
+                  f"{k.resumed_from:>13} {max(k.reached - k.resumed_from, 0):>11} {verdict:>12}",
+                  flush=True)
+        if not ok:
+            print(f"     see {log}")
+    mid = sum(k.mid_training(args.steps) for k in kills)
+    saves = sum(k.mid_save and k.mid_training(args.steps) for k in kills)
+    print(f"{len(kills)} kills: {mid} landed mid-training ({saves} of them during a checkpoint "
+          f"save), {len(kills) - mid} after the last step")
     print(f"{matched} of {args.runs} runs ended bit-identical to the uninterrupted run "
-          f"(checkpoint every {args.checkpoint_every} steps)")
-    return 0 if matched == args.runs else 1
+          f"(checkpoint every {args.checkpoint_every} steps); wall time "
+          f"{time.perf_counter() - wall0:.0f} s")
+    return 0 if matched == args.runs and mid == len(kills) else 1
 
 
 if __name__ == "__main__":
