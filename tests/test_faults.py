@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -18,6 +17,7 @@ import yaml
 from conftest import tiny_dict
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from state_checks import LIVE_TRAIN, assert_states_equal, checkpoint_state
 
 from vdit.config import ConfigError, from_dict
 from vdit.diffusion.text_to_video import TextToVideo
@@ -27,15 +27,17 @@ from vdit.train.metrics import read_metrics
 
 
 class NonFiniteAt(TextToVideo):
-    """The DiT system, with the loss replaced by NaN at the given (0-based) steps."""
+    """The DiT system with every parameter poisoned by NaN at the given (0-based) steps: the NaN
+    runs through the forward and the backward pass, so the loss and the gradients are NaN."""
 
     def __init__(self, cfg, bad_steps):
         super().__init__(cfg)
         self.bad_steps = tuple(bad_steps)
 
     def loss(self, params, batch, stats, key, step=None):
-        loss, aux = super().loss(params, batch, stats, key, step)
-        return jnp.where(jnp.isin(step, jnp.asarray(self.bad_steps)), jnp.nan, loss), aux
+        poison = jnp.where(jnp.isin(step, jnp.asarray(self.bad_steps)), jnp.nan, 0.0)
+        params = jax.tree.map(lambda p: p + poison.astype(p.dtype), params)
+        return super().loss(params, batch, stats, key, step)
 
 
 def _cfg(run_dir: Path, **train):
@@ -44,29 +46,46 @@ def _cfg(run_dir: Path, **train):
     return from_dict(d)
 
 
-def _final_params(run_dir: Path):
-    from vdit.train.trainer import load_run
-
-    return load_run(run_dir)[2].params
+UNCHANGED = ("params", "ema_params", "opt_state", "rng")  # all of the state but the step
 
 
 def test_a_non_finite_step_is_skipped_and_counted(tmp_path):
-    cfg = _cfg(tmp_path / "run", steps=4, checkpoint_every=4)
+    """Step 2's gradients are NaN: its update is skipped, so params, both Adam moments (and
+    Adam's count), EMA and rng after it equal, bit for bit, the state after step 1; the step
+    counter and the `skipped` metric move, and step 3 trains again."""
+    run = tmp_path / "run"
+    cfg = _cfg(run, steps=4, checkpoint_every=1, keep_checkpoints=4, **LIVE_TRAIN)
     train(cfg, system=NonFiniteAt(cfg, [1]), log=lambda *_: None)
-    skipped = {r["step"]: r["skipped"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")
-               if "skipped" in r}
-    assert skipped[2] == 1 and skipped[1] == skipped[3] == 0
-    assert all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(_final_params(
-        tmp_path / "run")))
+    records = {r["step"]: r for r in read_metrics(run / "metrics.jsonl") if "skipped" in r}
+    assert [records[s]["skipped"] for s in (1, 2, 3, 4)] == [0, 1, 0, 0]
+    assert np.isnan(records[2]["grad_norm"]) and np.isnan(records[2]["loss"])
+    assert np.isfinite(records[3]["grad_norm"]) and records[3]["grad_norm"] > 0
+    before, skipped, after = (checkpoint_state(run, s) for s in (1, 2, 3))
+    assert int(before["step"][""]) == 1 and int(skipped["step"][""]) == 2
+    assert_states_equal(skipped, before, parts=UNCHANGED, what="skipped step 2")
+    assert not np.array_equal(after["params"]["final/kernel"],
+                              skipped["params"]["final/kernel"])  # step 3 trains again
+    assert all(np.isfinite(a).all() for part in ("params", "ema_params", "opt_state")
+               for a in after[part].values())
 
 
 def test_a_run_of_non_finite_steps_stops_naming_steps_and_sources_with_a_checkpoint(tmp_path):
-    cfg = _cfg(tmp_path / "run", steps=12, checkpoint_every=100, max_bad_steps=3)
+    """Steps 3 on have NaN gradients: after 3 in a row the run stops and checkpoints the state,
+    which is the last good one (step 2's) in everything but the step counter."""
+    run = tmp_path / "run"
+    cfg = _cfg(run, steps=12, checkpoint_every=2, max_bad_steps=3, **LIVE_TRAIN)
     with pytest.raises(TrainingStopped, match=r"not finite at steps 3-5 .*Source ids") as err:
         train(cfg, system=NonFiniteAt(cfg, range(2, 12)), log=lambda *_: None)
     assert "checkpointed" in str(err.value)
-    params = _final_params(tmp_path / "run")  # the last good params, for inspection
-    assert all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(params))
+    skipped = {r["step"]: r["skipped"] for r in read_metrics(run / "metrics.jsonl")
+               if "skipped" in r}
+    assert [skipped[s] for s in sorted(skipped)] == [0, 0, 1, 1, 1, 1]  # steps 1-6
+    good = checkpoint_state(run, 2)
+    for step in (4, 6):  # 6: the stop's checkpoint, saved the step after the third bad one
+        state = checkpoint_state(run, step)
+        assert int(state["step"][""]) == step
+        assert_states_equal(state, good, parts=UNCHANGED, what=f"step {step}")
+    assert all(np.isfinite(a).all() for a in good["params"].values())
 
 
 def test_a_corrupt_latest_checkpoint_is_reported_and_the_previous_one_used(tmp_path):
@@ -83,10 +102,15 @@ def test_a_corrupt_latest_checkpoint_is_reported_and_the_previous_one_used(tmp_p
     assert summary["eval_loss_end"] > 0
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_zero_then_the_run_resumes(tmp_path):
+def test_sigterm_saves_a_checkpoint_and_exits_zero_then_the_run_resumes(tmp_path, capsys):
+    """SIGTERM mid-run: the step finishes, a checkpoint is saved, exit 0. The same command
+    (with 2 more steps) resumes at the saved step, not from 0, and ends in the state of a run
+    never interrupted: params, Adam moments, EMA, step and rng bit for bit. The learning rate is
+    constant (no warm-up, no decay), so raising train.steps changes no step's update."""
     run = tmp_path / "run"
     d = tiny_dict(run)
-    d["train"].update(steps=100000, checkpoint_every=100000, eval_every=100000)
+    d["train"].update(steps=100000, checkpoint_every=100000, eval_every=100000, lr=1e-2,
+                      warmup_steps=0, min_lr_ratio=1.0)
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(d))
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen([sys.executable, "-m", "vdit.cli", "train", str(tmp_path / "cfg.yaml")],
@@ -106,12 +130,24 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero_then_the_run_resumes(tmp_path
     stopped = int(out.split("stopped at step ")[1].split(",")[0])
     steps = [int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()]
     assert stopped in steps
+    logged = len(read_metrics(metrics))
     d["train"]["steps"] = stopped + 2
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(d))
     from vdit.cli import main
 
+    capsys.readouterr()
     assert main(["train", str(tmp_path / "cfg.yaml")]) == 0
-    assert json.loads(metrics.read_text().splitlines()[-1])["step"] >= stopped + 1
+    assert f"resumed {run} at step {stopped}" in capsys.readouterr().out
+    appended = read_metrics(metrics)[logged:]  # what the resumed run logged
+    assert [r["step"] for r in appended if "loss" in r] == [stopped + 1, stopped + 2]
+    assert min(r["step"] for r in appended) > stopped, appended  # no fresh start at step 0
+
+    straight = tmp_path / "straight"
+    d["train"]["run_dir"] = str(straight)
+    train(from_dict(d), log=lambda *_: None)
+    resumed = checkpoint_state(run, stopped + 2)
+    assert int(resumed["step"][""]) == stopped + 2
+    assert_states_equal(resumed, checkpoint_state(straight, stopped + 2), what="resumed")
 
 
 _scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 10**6), st.floats(-1e3, 1e3),

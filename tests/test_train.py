@@ -83,15 +83,25 @@ def test_eval_clips_are_disjoint_from_training_clips():
 
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
 def test_generation_is_deterministic_for_a_seed(tiny_config, guidance):
+    """From perturbed weights (an untrained DiT outputs exactly 0, so neither the caption nor
+    the guidance could matter): the same seed gives the same videos, another seed, another
+    video in the batch or another guidance scale gives other ones."""
+    from state_checks import perturbed
+
     from vdit.sample.generate import generate
 
     trainer, _, _ = _setup(tiny_config)
     system, state = trainer.system, trainer.state
-    sample_cfg = tiny_config.sample.__class__(steps=2, guidance=guidance)
-    run = partial(generate, system, state.params, state.stats, ["a red ball falls"], num=2,
-                  cfg=sample_cfg)
+    params = perturbed(state.params, scale=0.3)
+
+    def run(seed: int, scale: float = guidance) -> np.ndarray:
+        sample_cfg = tiny_config.sample.__class__(steps=2, guidance=scale)
+        return generate(system, params, state.stats, ["a red ball falls"], num=2, seed=seed,
+                        cfg=sample_cfg)
+
     a, b, c = run(seed=0), run(seed=0), run(seed=1)
     assert a.shape == (2, 4, 16, 16, 3) and a.dtype == np.uint8
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
     assert not np.array_equal(a[0], a[1])  # different noise per video
+    assert not np.array_equal(a, run(seed=0, scale=guidance + 2.0))  # guidance matters
