@@ -57,7 +57,10 @@ def _cmd_eval_ae(args: argparse.Namespace) -> int:
 
     from vdit.eval.autoencoder_eval import evaluate_autoencoder
 
-    result = evaluate_autoencoder(args.path, clips=args.clips, batch=args.batch, out=args.out)
+    if args.videos or args.shards:  # the user's footage (vdit/eval/footage_eval.py)
+        return _eval_footage(args)
+    result = evaluate_autoencoder(args.path, clips=args.clips or 64, batch=args.batch,
+                                  out=args.out)
     if args.json:
         print(json.dumps(result))
     else:
@@ -65,6 +68,31 @@ def _cmd_eval_ae(args: argparse.Namespace) -> int:
               f"factors {result['factors']} -> latent {result['latent']}")
         print(f"  PSNR {result['psnr_db']:.2f} dB (min {result['psnr_db_min']:.2f}), "
               f"SSIM {result['ssim']:.4f} (min {result['ssim_min']:.4f})")
+    return 0
+
+
+def _eval_footage(args: argparse.Namespace) -> int:
+    import json
+
+    from vdit.config import ConfigError
+    from vdit.eval.footage_eval import evaluate_footage
+
+    for flag, path in (("--videos", args.videos), ("--shards", args.shards)):
+        if path and not Path(path).is_dir():
+            raise ConfigError(f"{flag}: {path} is not a folder")
+    result = evaluate_footage(args.path, videos=args.videos, shards=args.shards,
+                              frames=args.frames, clips=args.clips, tile=args.tile,
+                              out=args.out)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{args.path}: {result['clips']} clips of {result['source']}, factors "
+          f"{result['factors']}")
+    for r in result["per_clip"]:
+        print(f"  {r['clip']} {r['video']} (T, H, W){' tiled' if r['tiled'] else ''}: "
+              f"PSNR {r['psnr_db']:.2f} dB, SSIM {r['ssim']:.4f}")
+    print(f"  PSNR {result['psnr_db']:.2f} dB (min {result['psnr_db_min']:.2f}), "
+          f"SSIM {result['ssim']:.4f} (min {result['ssim_min']:.4f})")
     return 0
 
 
@@ -277,8 +305,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train_ae)
 
     p = sub.add_parser("eval-ae", help="PSNR / SSIM of a trained autoencoder on held-out clips")
-    p.add_argument("path", help="autoencoder run directory or exported autoencoder")
-    p.add_argument("--clips", type=POSITIVE, default=64, help="held-out clips (default 64)")
+    p.add_argument("path", help="autoencoder run directory, exported autoencoder, or a "
+                   "diffusers AutoencoderKLWan folder")
+    p.add_argument("--clips", type=POSITIVE, default=None, help="held-out clips (default 64; "
+                   "with --videos / --shards: all)")
+    footage = p.add_mutually_exclusive_group()
+    footage.add_argument("--videos", default=None, metavar="DIR", help="your videos and "
+                         "images, each at its own resolution (tiled where large)")
+    footage.add_argument("--shards", default=None, metavar="DIR", help="the clips behind a "
+                         "shard folder of `vdit tokenize --videos`, at their buckets")
+    p.add_argument("--frames", type=POSITIVE, default=17, help="with --videos: first frames "
+                   "of each video (default 17)")
+    p.add_argument("--tile", type=POSITIVE, default=None, help="with --videos / --shards: "
+                   "tile clips larger than this many pixels (default: autoencoder.tile)")
     p.add_argument("--batch", type=POSITIVE, default=8)
     p.add_argument("--out", default=None, help="where eval_ae.json / .gif go (default: PATH)")
     p.add_argument("--json", action="store_true", help="print one JSON line")

@@ -93,14 +93,16 @@ class TextConfig:
 
 @dataclass(frozen=True)
 class AutoencoderConfig:
-    """Pixels <-> latent: the learned causal VAE (vdit/models/causal_vae.py), or `space_to_depth`,
-    a lossless parameter-free stand-in used by fast tests.
+    """Pixels <-> latent: the learned causal VAE (vdit/models/causal_vae.py), `wan` (the Wan
+    2.1 / 2.2 video VAE, vdit/models/wan_vae.py, docs/autoencoders.md), or `space_to_depth`, a
+    lossless parameter-free stand-in used by fast tests.
 
     A DiT config names the trained autoencoder in `checkpoint` (an autoencoder run directory or
-    an exported `.safetensors` file); its architecture fields must match that checkpoint's.
+    an exported `.safetensors` file; for `wan` a diffusers AutoencoderKLWan folder, whose
+    config.json is the architecture); its architecture fields must match that checkpoint's.
     """
 
-    kind: Literal["causal_vae", "space_to_depth"] = "causal_vae"
+    kind: Literal["causal_vae", "wan", "space_to_depth"] = "causal_vae"
     factors: tuple[int, int, int] = (4, 8, 8)  # (time, height, width) compression
     latent_channels: int = 16
     stem: int = 2  # pixels folded into channels before the first convolution (s x s)
@@ -125,6 +127,8 @@ class AutoencoderConfig:
         p: list[str] = []
         if any(f < 1 or f & (f - 1) for f in self.factors):
             p.append(f"factors: every entry must be a power of two, got {self.factors}")
+        if self.kind == "wan":
+            return p + self._wan_problems()
         if self.kind != "causal_vae" or p:
             return p
         ft, fh, fw = self.factors
@@ -138,10 +142,16 @@ class AutoencoderConfig:
         if not self.channels or any(c < 1 for c in self.channels):
             p.append(f"channels: must be a non-empty list of positive widths, got {self.channels}")
         p += _positive(self, "latent_channels", "res_blocks", "chunk_frames", "tile")
+        p += self._tiling_problems()
         weights = ("kl_weight", "l1_weight", "mse_weight", "ssim_weight", "disc_weight",
                    "disc_start", "tile_overlap")
         p += [f"{n}: must be >= 0, got {getattr(self, n)}" for n in weights
               if getattr(self, n) < 0]
+        return p
+
+    def _tiling_problems(self) -> list[str]:
+        ft, fh, _ = self.factors
+        p = []
         if self.chunk_frames % ft:
             p.append(f"chunk_frames: must be a multiple of factors[0]={ft}, got "
                      f"{self.chunk_frames}")
@@ -149,6 +159,17 @@ class AutoencoderConfig:
             p.append(f"tile, tile_overlap: must be multiples of {fh} with overlap < tile, got "
                      f"{self.tile}, {self.tile_overlap}")
         return p
+
+    def _wan_problems(self) -> list[str]:
+        """`wan`: the architecture is the checkpoint's config.json, read when the model is
+        built (vdit/io/autoencoders.py refuses factors or latent_channels that differ from it)."""
+        p = [] if self.checkpoint else [
+            "checkpoint: autoencoder.kind 'wan' needs the path of a diffusers AutoencoderKLWan "
+            "folder (config.json + diffusion_pytorch_model.safetensors)"]
+        p += _positive(self, "latent_channels", "chunk_frames", "tile")
+        if self.tile_overlap < 0:
+            p.append(f"tile_overlap: must be >= 0, got {self.tile_overlap}")
+        return p or self._tiling_problems()
 
 
 @dataclass(frozen=True)
@@ -347,7 +368,7 @@ class Config:
             )
         # Cross-section checks: the video must cut evenly into latents, the latents into patches.
         w, ae, p = self.data.world, self.autoencoder, self.model.patch
-        causal = ae.kind == "causal_vae"
+        causal = ae.kind in ("causal_vae", "wan")
         if causal and (w.frames - 1) % ae.factors[0]:
             problems.append(
                 f"data.world.frames: the causal autoencoder needs 1 + {ae.factors[0]}k frames "
@@ -401,7 +422,7 @@ class Config:
         """(T', H', W', C) of one clip's latent: T' = 1 + (T - 1) / ft for the causal VAE."""
         w, ae = self.data.world, self.autoencoder
         ft, fh, fw = ae.factors
-        if ae.kind == "causal_vae":
+        if ae.kind in ("causal_vae", "wan"):
             return (1 + (w.frames - 1) // ft, w.height // fh, w.width // fw, ae.latent_channels)
         return (w.frames // ft, w.height // fh, w.width // fw, 3 * ft * fh * fw)
 

@@ -1,6 +1,10 @@
 """Fitting a decoded video to a bucket of (frames, height, width): resample the frame rate,
 choose the bucket nearest in aspect ratio among those the clip is long enough for, scale to
-cover it and centre-crop (never stretch)."""
+cover it and centre-crop (never stretch).
+
+Still images are one-frame clips and go to one-frame buckets (`1x256x256`); videos go to the
+buckets of more than one frame, or, when only one-frame buckets are listed, give their first
+frame (image-only pretraining from video)."""
 
 from __future__ import annotations
 
@@ -45,9 +49,19 @@ def resample_fps(frames: np.ndarray, fps_in: float, fps_out: float) -> np.ndarra
     return frames[idx]
 
 
-def choose_bucket(frames: int, height: int, width: int, buckets: list[Bucket]) -> Bucket:
+def choose_bucket(frames: int, height: int, width: int, buckets: list[Bucket],
+                  still: bool = False) -> Bucket:
     """The bucket nearest in aspect ratio (log scale) among those with at most `frames`
-    frames; ties go to the longest, then the largest."""
+    frames; ties go to the longest, then the largest. A `still` image takes one-frame buckets
+    only; a video takes the others, if any are listed."""
+    videos = [b for b in buckets if b[0] > 1]
+    if still:
+        buckets = [b for b in buckets if b[0] == 1]
+        if not buckets:
+            raise SkipClip("no_image_bucket", "a still image needs a one-frame bucket, e.g. "
+                           "1x256x256")
+    elif videos:
+        buckets = videos
     fits = [b for b in buckets if b[0] <= frames]
     if not fits:
         raise SkipClip("too_short", f"{frames} frames, shortest bucket has "
@@ -78,10 +92,12 @@ def fit_to_bucket(frames: np.ndarray, bucket: Bucket) -> np.ndarray:
 
 def prepare_clip(frames: np.ndarray, fps_in: float, fps_out: float | None,
                  buckets: list[Bucket]) -> tuple[np.ndarray, Bucket]:
-    """Resample (if fps_out), choose the bucket, fit: -> (uint8 [F, Hb, Wb, 3], bucket)."""
+    """Resample (if fps_out), choose the bucket, fit: -> (uint8 [F, Hb, Wb, 3], bucket).
+    fps_in 0 marks a still image (one frame, vdit/data/sources.py): never resampled."""
     if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
         raise SkipClip("zero_frames" if frames.size == 0 else "bad_shape", str(frames.shape))
-    if fps_out is not None and abs(fps_in - fps_out) > 1e-6:
+    still = fps_in == 0 and len(frames) == 1
+    if fps_out is not None and not still and abs(fps_in - fps_out) > 1e-6:
         frames = resample_fps(frames, fps_in, fps_out)
-    bucket = choose_bucket(*frames.shape[:3], buckets)
+    bucket = choose_bucket(*frames.shape[:3], buckets, still=still)
     return fit_to_bucket(frames, bucket), bucket

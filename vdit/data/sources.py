@@ -16,12 +16,21 @@ from vdit.config import ConfigError
 from vdit.data.buckets import SkipClip
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")  # still images: one-frame clips
+
+
+def read_image(path: Path) -> np.ndarray:
+    """uint8 [1, H, W, 3] of a still image (Pillow; EXIF rotation applied, alpha dropped)."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as img:
+        return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))[None]
 
 
 @dataclass
 class RawClip:
     frames: np.ndarray  # uint8 [T, H, W, 3]
-    fps: float
+    fps: float  # 0: a still image (one frame)
     caption: str
     source_id: str
     license: str
@@ -53,8 +62,8 @@ def _read_captions(path: Path) -> dict[str, dict]:
 
 
 class FolderSource:
-    """Every video file under `root` (sorted), captioned by `captions` (path relative to
-    root -> caption, licence)."""
+    """Every video file and still image under `root` (sorted), captioned by `captions` (path
+    relative to root -> caption, licence). An image is a one-frame clip (fps 0)."""
 
     def __init__(self, root: str | Path, captions: str | Path, default_license: str = "unknown"):
         self.root = Path(root)
@@ -62,7 +71,7 @@ class FolderSource:
             raise FileNotFoundError(f"{self.root}: not a folder")
         self.captions = _read_captions(Path(captions))
         self.files = sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*")
-                            if p.suffix.lower() in VIDEO_SUFFIXES)
+                            if p.suffix.lower() in VIDEO_SUFFIXES + IMAGE_SUFFIXES)
         self.default_license = default_license
 
     def __len__(self) -> int:
@@ -76,7 +85,10 @@ class FolderSource:
         if row is None or not str(row.get("caption") or "").strip():
             raise SkipClip("missing_caption", name)
         try:
-            frames, fps = read_video(self.root / name)
+            if Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                frames, fps = read_image(self.root / name), 0.0
+            else:
+                frames, fps = read_video(self.root / name)
         except ValueError as e:
             reason = "zero_frames" if str(e).endswith("no frames") else "unreadable"
             raise SkipClip(reason, str(e)) from None

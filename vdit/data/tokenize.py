@@ -68,9 +68,14 @@ class BatchEncoder:
     a jitted call per bucket shape with the batch split over this host's devices."""
 
     def __init__(self, cfg: Config, dtype: str):
-        self.cfg, self.ae = cfg.autoencoder, make_autoencoder(cfg.autoencoder)
+        self.cfg = cfg.autoencoder
+        self.ae = None if self.cfg.kind == "wan" else make_autoencoder(self.cfg)
         self.params: dict = {}
-        if self.cfg.kind == "causal_vae":
+        if self.cfg.kind == "wan":  # the architecture and weights of a diffusers folder
+            from vdit.io.autoencoders import load_wan
+
+            self.ae, self.params, _ = load_wan(self.cfg)
+        elif self.cfg.kind == "causal_vae":
             from vdit.diffusion.text_to_video import check_autoencoder_matches
             from vdit.io.run_dir import load_autoencoder
 
@@ -89,7 +94,7 @@ class BatchEncoder:
 
     def __call__(self, videos: np.ndarray) -> np.ndarray:
         n = len(videos)
-        if self.cfg.kind == "causal_vae" and max(videos.shape[2:4]) > self.cfg.tile:
+        if self.cfg.kind != "space_to_depth" and max(videos.shape[2:4]) > self.cfg.tile:
             from vdit.models.tiling import encode_tiled  # large frames: bounded memory
 
             lat = encode_tiled(self.ae, self.params, jnp.asarray(videos) / 127.5 - 1.0)

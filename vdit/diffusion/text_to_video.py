@@ -24,7 +24,7 @@ from vdit.config import Config
 from vdit.data.physics import physics_tokenizer
 from vdit.diffusion.flow import noisy, resolve_shift, sample_time, velocity_loss
 from vdit.diffusion.sampler import sample_ode
-from vdit.models.autoencoder import make_autoencoder
+from vdit.io.autoencoders import build_autoencoder
 from vdit.models.dit import DiT
 from vdit.models.patch import token_grid
 from vdit.models.text import null_tokens_like
@@ -50,7 +50,7 @@ class TextToVideo:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.autoencoder = make_autoencoder(cfg.autoencoder)
+        self.autoencoder = build_autoencoder(cfg.autoencoder)
         self.tokenizer = physics_tokenizer(cfg.text.max_length)
         self.latent_shape = cfg.latent_shape()
         self.dit = DiT(cfg.model, cfg.text, self.tokenizer.vocab_size, self.latent_shape)
@@ -134,6 +134,12 @@ class TextToVideo:
             check_autoencoder_matches(self.cfg.autoencoder, ae_cfg.autoencoder)
             return {"mean": jnp.asarray(stats["mean"]), "std": jnp.asarray(stats["std"]),
                     "autoencoder": jax.tree.map(jnp.asarray, params), **text}
+        if self.cfg.autoencoder.kind == "wan":  # frozen: stats from the checkpoint's config
+            from vdit.io.autoencoders import load_wan
+
+            _, params, stats = load_wan(self.cfg.autoencoder)
+            return {"mean": jnp.asarray(stats["mean"]), "std": jnp.asarray(stats["std"]),
+                    "autoencoder": jax.tree.map(jnp.asarray, params), **text}
         lat = (self.autoencoder.encode({}, to_float(jnp.asarray(videos)))
                if videos.dtype == np.uint8 else jnp.asarray(videos, jnp.float32))
         axes = tuple(range(lat.ndim - 1))
@@ -150,6 +156,8 @@ class TextToVideo:
             w = self.cfg.data.world
             video = jax.ShapeDtypeStruct((1, w.frames, w.height, w.width, 3), jnp.float32)
             autoencoder = jax.eval_shape(self.autoencoder.init, jax.random.key(0), video)
+        if self.cfg.autoencoder.kind == "wan":
+            autoencoder = self.autoencoder.param_shapes()
         text = {}
         if self.embedded:
             from vdit.data.captions import text_stats_shapes

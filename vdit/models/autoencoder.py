@@ -2,7 +2,8 @@
 
 Videos are float [B, T, H, W, 3] in [-1, 1]; latents [B, T', H', W', C]. Two implementations:
 `CausalAutoencoder`, the learned causal VAE (vdit/models/causal_vae.py, the default), and
-`SpaceToDepth`, a lossless parameter-free stand-in (pixels folded into channels) for fast tests.
+`SpaceToDepth`, a lossless parameter-free stand-in (pixels folded into channels) for fast tests;
+`WanAutoencoder` (vdit/models/wan_autoencoder.py) puts the Wan 2.1 / 2.2 VAE behind the same one.
 
 Odd inputs (the documented rule): the causal VAE needs 1 + ft*k frames and sides divisible by
 fh. `encode` pads a video that is not of that shape — the last frame repeated at the end, edge
@@ -105,8 +106,13 @@ class CausalAutoencoder:
 
 
 def make_autoencoder(cfg: AutoencoderConfig) -> Autoencoder:
+    """The autoencoder of a config section. `wan` is built from its checkpoint's config.json:
+    `vdit.io.autoencoders.build_autoencoder(cfg)` (which calls this for the other kinds)."""
     if cfg.kind == "causal_vae":
         return CausalAutoencoder(cfg)
     if cfg.kind == "space_to_depth":
         return SpaceToDepth(cfg)
-    raise ValueError(f"autoencoder.kind {cfg.kind!r}; allowed: causal_vae, space_to_depth")
+    if cfg.kind == "wan":
+        raise ValueError("autoencoder.kind 'wan': the architecture is the checkpoint's "
+                         "config.json; build it with vdit.io.autoencoders.build_autoencoder")
+    raise ValueError(f"autoencoder.kind {cfg.kind!r}; allowed: causal_vae, wan, space_to_depth")

@@ -1,4 +1,5 @@
-"""Tiled encode/decode of long or large videos with the causal VAE, in bounded memory.
+"""Tiled encode/decode of long or large videos with a causal autoencoder (vdit's causal VAE or
+the Wan VAE), in bounded memory.
 
 Time: the video is cut into chunks (the first 1 + chunk_frames frames, then chunk_frames each)
 and the encoder runs chunk by chunk, carrying each causal convolution's unconsumed frames in the
@@ -7,7 +8,8 @@ Space: overlapping tiles, each encoded (or decoded) on its own, blended with lin
 the overlap. Tiles see zero padding at their borders, so this part is an approximation whose error
 shrinks with the overlap; with one tile covering the frame it is exact.
 
-Peak memory is that of one (tile, chunk), whatever the video's length and size.
+Peak memory is that of one (tile, chunk), whatever the video's length and size. The Wan VAE
+streams through its own `encode_chunk` / `decode_chunk` (the same cache, passed explicitly).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdit.models.autoencoder import CausalAutoencoder, Params, pad_to_valid
+from vdit.models.autoencoder import Autoencoder, CausalAutoencoder, Params, pad_to_valid
 from vdit.models.causal_vae import CausalVAE
 
 
@@ -35,10 +37,25 @@ def _chunk_fn(module: CausalVAE, method: str):
     return jax.jit(run)
 
 
-def _chunked(ae: CausalAutoencoder, params: Params, x: jax.Array, method: str,
+@functools.cache
+def _stream_fn(ae: Autoencoder, method: str):
+    """The same for a model with `encode_chunk` / `decode_chunk` (the Wan VAE); an empty
+    cache is its first chunk."""
+
+    def run(params, cache, x):
+        if method == "encode_mean":
+            (y, _), cache = ae.encode_chunk(params, x, cache or None)
+            return y, cache
+        return ae.decode_chunk(params, x, cache or None)
+
+    return jax.jit(run)
+
+
+def _chunked(ae: Autoencoder, params: Params, x: jax.Array, method: str,
              first: int, rest: int) -> jax.Array:
     """Run encode or decode over x [B, T, ...] in time chunks of `first`, then `rest` steps."""
-    fn = _chunk_fn(ae.module, method)
+    fn = (_chunk_fn(ae.module, method) if isinstance(ae, CausalAutoencoder)
+          else _stream_fn(ae, method))
     outs, cache, start = [], {}, 0
     while start < x.shape[1]:
         size = first if start == 0 else rest
@@ -91,7 +108,7 @@ def _tiled(fn, x: np.ndarray, tile: int, overlap: int, scale: float) -> np.ndarr
     return out / weight
 
 
-def encode_tiled(ae: CausalAutoencoder, params: Params, video: jax.Array) -> np.ndarray:
+def encode_tiled(ae: Autoencoder, params: Params, video: jax.Array) -> np.ndarray:
     """Posterior mean [B, T', H', W', C] of video [B, T, H, W, 3] in [-1, 1], tiled by
     `ae.cfg.chunk_frames`, `tile` and `tile_overlap` (pixels)."""
     cfg = ae.cfg
@@ -101,7 +118,7 @@ def encode_tiled(ae: CausalAutoencoder, params: Params, video: jax.Array) -> np.
     return _tiled(fn, video, cfg.tile, cfg.tile_overlap, 1 / cfg.factors[1])
 
 
-def decode_tiled(ae: CausalAutoencoder, params: Params, latent: jax.Array,
+def decode_tiled(ae: Autoencoder, params: Params, latent: jax.Array,
                  size: tuple[int, int, int] | None = None) -> np.ndarray:
     """Video [B, T, H, W, 3] of latent [B, T', H', W', C], tiled like `encode_tiled`."""
     cfg = ae.cfg

@@ -285,6 +285,14 @@ class WanVAEModule(nn.Module):
         return self.decode(self.encode(video)[0])
 
 
+def _plain(boxed: Any) -> Any:
+    """Unbox logical-axis metadata without a sharding constraint: the frozen params are
+    replicated, and this may run inside a mesh (the trainer's) or on abstract values."""
+    return jax.tree.map(lambda x: x.unbox(apply_constraint=False)
+                        if isinstance(x, nn.Partitioned) else x, boxed,
+                        is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
 class WanVAE:
     """vdit's autoencoder interface over the Wan VAE. Videos are float [B, T, H, W, 3] in
     [-1, 1]; latents [B, T', H', W', z_dim], unnormalised (the checkpoint's per-channel
@@ -321,7 +329,7 @@ class WanVAE:
         """Random float32 params (plain arrays). `video` is ignored: the parameter shapes depend
         on the spec alone."""
         # Jitted: run op by op, the init of even a tiny model takes tens of seconds on CPU.
-        return nn.unbox(jax.jit(self.module.init)(key, self._init_video())["params"])
+        return _plain(jax.jit(self.module.init)(key, self._init_video())["params"])
 
     def logical_specs(self) -> Any:
         """The params' logical axis names, a tree of PartitionSpecs (vdit/parallel/rules.py)."""
@@ -331,7 +339,7 @@ class WanVAE:
     def param_shapes(self) -> Any:
         """The params' tree of ShapeDtypeStructs, without allocating them."""
         boxed = jax.eval_shape(self.module.init, jax.random.key(0), self._init_video())
-        return nn.unbox(boxed["params"])
+        return _plain(boxed["params"])
 
     def moments(self, params: Params, video: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Posterior (mean, logvar), each float32 [B, 1 + k, H/fh, W/fw, z_dim], of video

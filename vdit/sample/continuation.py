@@ -37,7 +37,7 @@ def video_frames_for(cfg: Config, k: int) -> int:
     """Video frames that latent frames [0, k) encode: 1 + ft (k - 1) for the causal VAE (frame 0
     is encoded alone), ft k for space_to_depth."""
     ft = cfg.autoencoder.factors[0]
-    return 1 + ft * (k - 1) if cfg.autoencoder.kind == "causal_vae" else ft * k
+    return 1 + ft * (k - 1) if cfg.autoencoder.kind in ("causal_vae", "wan") else ft * k
 
 
 def check_context_frames(cfg: Config, k: int) -> None:

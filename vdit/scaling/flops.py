@@ -104,13 +104,13 @@ def encoder_flops_per_clip(cfg: Config) -> float:
     import jax
     import jax.numpy as jnp
 
-    from vdit.models.autoencoder import make_autoencoder
+    from vdit.io.autoencoders import build_autoencoder
 
     if cfg.autoencoder.kind == "space_to_depth":
         return 0.0
     w = cfg.data.world
     video = jax.ShapeDtypeStruct((1, w.frames, w.height, w.width, 3), jnp.float32)
-    autoencoder = make_autoencoder(cfg.autoencoder)
+    autoencoder = build_autoencoder(cfg.autoencoder)
     params = jax.eval_shape(autoencoder.init, jax.random.key(0), video)
     cost = jax.jit(autoencoder.encode).lower(params, video).cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
