@@ -7,8 +7,8 @@ is fixed when JAX starts). Prints one line, `RESULT {json}`:
 - pallas_ring: the same, masked, for ring attention over vdit's Pallas kernel (context 2);
 - ring_lse: the same for the gradients of a loss on both o and lse (ring, context 4);
 - cross[context/tensor]: the same for cross-attention with split queries and whole K/V;
-- dit: the tiny DiT's first 3 training losses under mesh.context=4 (ring), and whether its
-  compiled step rotates K/V.
+- dit: the tiny DiT's first 3 training losses from perturbed parameters under mesh.context=4
+  (ring), and whether its compiled step rotates K/V; its final state goes to ARGV[1] (.npz).
 """
 
 from __future__ import annotations  # noqa: I001  (vdit must be imported before jax)
@@ -21,10 +21,10 @@ import vdit  # noqa: F401
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import tiny_dict
+from state_checks import LIVE_TRAIN, perturbed_state, save_state
 
 from vdit.config import MeshConfig, from_dict
 from vdit.data.pipeline import fixed_batch
@@ -140,34 +140,29 @@ def cross_checks() -> dict:
     return out
 
 
-def _perturbed(params, scale: float = 0.1):
-    """params + seeded noise (host numpy, so every mesh draws the same), shardings kept. At
-    initialisation the gates and output projections are zero, so attention would not reach
-    the loss of the first steps; with noise it does from the first step."""
-    rng = np.random.default_rng(0)
-    leaves, treedef = jax.tree.flatten(params)
-    noisy = [jax.device_put(np.asarray(p) + scale * rng.standard_normal(p.shape).astype(p.dtype),
-                            p.sharding) for p in leaves]
-    return jax.tree.unflatten(treedef, noisy)
-
-
-def dit_losses(mesh: dict, steps: int = 3) -> tuple[list[float], str]:
-    """The tiny DiT's (tests/conftest.py: 16 tokens per clip, ring attention) first `steps`
-    training losses from perturbed parameters on one fixed batch of 4 clips under `mesh`, and
-    the compiled step's text (to see which collectives it uses)."""
+def dit_train(mesh: dict, out: str | Path | None = None, steps: int = 3,
+              ) -> tuple[list[float], str]:
+    """The tiny DiT (tests/conftest.py: 16 tokens per clip, ring attention) trained `steps`
+    steps from perturbed parameters at the full learning rate from the first step
+    (tests/state_checks.py) on one fixed batch of 4 clips under `mesh`: its losses, and the
+    compiled step's text (to see which collectives it uses). The final state (params, optimizer
+    state, EMA) goes to `out` (.npz) when given."""
     d = tiny_dict("/nonexistent")
     d["model"]["context_parallel"] = "ring"
+    d["train"].update(LIVE_TRAIN)
     d["mesh"] = mesh
     cfg = from_dict(d)
     trainer = build_trainer(cfg)
     batch = trainer.device_batch(fixed_batch(cfg.data, trainer.system.tokenizer, "train",
                                              cfg.train.batch_size))
-    state, losses = trainer.state.replace(params=_perturbed(trainer.state.params)), []
+    state, losses = perturbed_state(trainer.state), []
     with trainer.context():
         step = trainer.step_fn.lower(state, batch).compile()  # traced and compiled once
         for _ in range(steps):
             state, metrics = step(state, batch)
             losses.append(float(metrics["loss"]))
+    if out is not None:
+        save_state(out, state)
     return losses, step.as_text()
 
 
@@ -178,6 +173,6 @@ if __name__ == "__main__":
     assert jax.device_count() == 8, jax.device_count()
     result = {"attention": attention_checks(), "pallas_ring": pallas_ring_check(),
               "ring_lse": lse_gradient_check(), "cross": cross_checks()}
-    losses, text = dit_losses(DIT_MESH)
+    losses, text = dit_train(DIT_MESH, out=sys.argv[1] if len(sys.argv) > 1 else None)
     result["dit"] = {"losses": losses, "collective": COLLECTIVE["ring"] in text.replace("-", "_")}
     print("RESULT " + json.dumps(result))

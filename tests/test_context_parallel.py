@@ -18,7 +18,13 @@ import jax
 import jax.numpy as jnp
 import pytest
 from conftest import tiny_dict
-from context_parallel_checks import DIT_MESH, MESHES, dit_losses
+from context_parallel_checks import DIT_MESH, MESHES, dit_train
+from state_checks import (
+    ACROSS_LAYOUTS,
+    assert_every_parameter_reached_the_loss,
+    assert_states_equal,
+    load_state,
+)
 
 from vdit.config import ConfigError, from_dict
 from vdit.ops.attention import MASK_VALUE
@@ -29,15 +35,16 @@ TOL = 1e-5  # float32
 
 
 @pytest.fixture(scope="module")
-def results() -> dict:
+def results(tmp_path_factory) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"}
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "context_parallel_checks.py")],
-                          capture_output=True, text=True, env=env, timeout=900)
+    out = tmp_path_factory.mktemp("cp") / "dit_state.npz"
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "context_parallel_checks.py"),
+                           str(out)], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(s for s in proc.stdout.splitlines()[::-1] if s.startswith("RESULT "))
-    return json.loads(line.removeprefix("RESULT "))
+    return {**json.loads(line.removeprefix("RESULT ")), "dit_state": str(out)}
 
 
 @pytest.mark.parametrize("mode", ["ring", "ulysses"])
@@ -70,17 +77,22 @@ def test_cross_attention_splits_queries_with_whole_text(results):
     assert max(results["cross"].values()) < TOL, results["cross"]
 
 
-def test_dit_loss_under_context_parallelism_equals_one_device(results):
-    """3 training steps of the tiny DiT (perturbed parameters, so attention shapes the loss)
-    with ring attention over mesh.context=4 (data=2, batch 4, 16 tokens per clip) give the
-    losses of one device within 1e-5."""
+def test_dit_training_under_context_parallelism_equals_one_device(results, tmp_path):
+    """3 training steps of the tiny DiT from perturbed parameters at the full learning rate
+    (attention, forward and backward, shapes the loss and every update) with ring attention over
+    mesh.context=4 (data=2, batch 4, 16 tokens per clip): the losses, params, Adam moments and
+    EMA of one device within float32 reduction-order noise."""
     assert jax.device_count() == 1, "the reference runs on this process's single device"
-    reference, _ = dit_losses({"data": 1})
+    reference, _ = dit_train({"data": 1}, out=tmp_path / "one.npz")
     split = results["dit"]
     assert DIT_MESH["context"] == 4 and split["collective"], split
     assert len(split["losses"]) == len(reference) == 3
     for a, b in zip(split["losses"], reference, strict=True):
         assert abs(a - b) < TOL, (split["losses"], reference)
+    one = load_state(tmp_path / "one.npz")
+    assert_every_parameter_reached_the_loss(one)
+    assert_states_equal(load_state(results["dit_state"]), one, tolerances=ACROSS_LAYOUTS,
+                        what="context=4")
 
 
 def test_merge_of_blocks_gives_no_weight_to_a_block_that_saw_no_key():

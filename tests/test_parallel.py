@@ -20,6 +20,14 @@ import optax
 import pytest
 import yaml
 from conftest import tiny_dict
+from state_checks import (
+    ACROSS_LAYOUTS,
+    LIVE_TRAIN,
+    assert_every_parameter_reached_the_loss,
+    assert_states_equal,
+    checkpoint_state,
+    load_state,
+)
 
 from vdit.config import ConfigError, MeshConfig, TrainConfig, from_dict
 from vdit.parallel.distributed import DistributedError, cluster_from_env
@@ -37,19 +45,30 @@ def _env(devices: int, **extra: str) -> dict:
             + f" --xla_force_host_platform_device_count={devices}", **extra}
 
 
-def test_every_layout_gives_the_single_device_loss_on_8_devices():
-    out = subprocess.run([sys.executable, str(TESTS / "parallel_layouts.py")], env=_env(8),
-                         capture_output=True, text=True, timeout=600)
+def test_every_layout_gives_the_single_device_state_on_8_devices(tmp_path):
+    """3 steps from perturbed parameters at the full learning rate (tests/state_checks.py):
+    every layout's losses, params, Adam moments and EMA equal one device's within float32
+    reduction-order noise, and every parameter had a gradient (attention, MLP, cross-attention
+    and the text encoder all reach the loss)."""
+    out = subprocess.run([sys.executable, str(TESTS / "parallel_layouts.py"), str(tmp_path)],
+                         env=_env(8), capture_output=True, text=True, timeout=600)
     lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
     assert out.returncode == 0 and lines, out.stderr[-3000:]
     result = json.loads(lines[0].removeprefix("RESULT "))
-    reference = result.pop("single")
+    states = {name: load_state(tmp_path / f"{name}.npz") for name in result}
+    reference = states["single"]
+    assert_every_parameter_reached_the_loss(reference)
+    assert int(reference["step"][""]) == 3
     for name in ("dp", "fsdp", "fsdp_tp", "context", "multislice"):
-        np.testing.assert_allclose(result[name], reference, rtol=0, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(result[name], result["single"], rtol=0, atol=1e-5,
+                                   err_msg=name)
+        assert_states_equal(states[name], reference, tolerances=ACROSS_LAYOUTS, what=name)
     # Accumulating 2 micro-batches: the same on 1 device as on a 4-way sharded batch, and close
     # to (not equal to: each micro-batch draws its own noise) the whole-batch loss.
     np.testing.assert_allclose(result["dp_micro2"], result["single_micro2"], atol=1e-5)
-    np.testing.assert_allclose(result["single_micro2"], reference, rtol=0.05)
+    assert_states_equal(states["dp_micro2"], states["single_micro2"], tolerances=ACROSS_LAYOUTS,
+                        what="dp_micro2")
+    np.testing.assert_allclose(result["single_micro2"], result["single"], rtol=0.05)
 
 
 class _LeastSquares:
@@ -112,11 +131,13 @@ def test_cluster_environment_is_read_and_checked():
 
 
 def test_two_processes_train_and_checkpoint_then_one_process_resumes(tmp_path):
-    """2 processes x 4 devices (FSDP over all 8) train 4 steps; one process on one device
-    resumes from step 2 and logs the same losses for steps 3 and 4."""
+    """2 processes x 4 devices (FSDP over all 8) train 4 steps at the full learning rate from
+    the first step; one process on one device resumes from step 2 and logs the same losses for
+    steps 3 and 4, and ends in the same state (params, Adam moments, EMA) as the 2 processes
+    did."""
     run = tmp_path / "run"
     d = tiny_dict(run)
-    d["train"].update(batch_size=8, steps=4, checkpoint_every=2, eval_every=100)
+    d["train"].update(batch_size=8, steps=4, checkpoint_every=2, eval_every=100, **LIVE_TRAIN)
     d["mesh"] = {"fsdp": 2}
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(d))
     with socket.socket() as s:
@@ -136,6 +157,7 @@ def test_two_processes_train_and_checkpoint_then_one_process_resumes(tmp_path):
 
     from vdit.train.loop import train
 
+    two_state = checkpoint_state(run, 4)
     shutil.rmtree(run / "checkpoints" / "4")
     assert jax.device_count() == 1
     d["mesh"] = {"fsdp": 1}
@@ -144,3 +166,5 @@ def test_two_processes_train_and_checkpoint_then_one_process_resumes(tmp_path):
     one = {r["step"]: r["loss"] for r in records[4:]}
     assert sorted(one) == [3, 4] and summary["run_dir"] == str(run)
     np.testing.assert_allclose([one[3], one[4]], [two[3], two[4]], atol=1e-5)
+    assert_states_equal(checkpoint_state(run, 4), two_state, tolerances=ACROSS_LAYOUTS,
+                        what="resumed on 1 device")
