@@ -11,9 +11,11 @@ distribution (faster balls, larger balls, unseen colour-size combinations; `spli
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -109,6 +111,47 @@ def _summarise(per_clip: list[dict]) -> dict:
     }
 
 
+BOOTSTRAP = 1000  # resamples of a split's clips for the 95 % intervals
+CI_KEYS = ("found", "velocity_error", "gravity_error", "radius_drift", "permanence_failure",
+           "count_error", "reemergence_error", "energy_error")
+
+
+def bootstrap_intervals(per_clip: list[dict], n: int = BOOTSTRAP, seed: int = 0) -> dict:
+    """{"KEY_ci": [lo, hi]}: 95 % percentile intervals of each split-level metric of
+    `_summarise`, from `n` resamples of the clips with replacement (the same statistic on each,
+    so medians and pooled events are resampled as they are computed); [nan, nan] without data."""
+    rng = np.random.default_rng(seed)
+    draws = np.array([[_summarise([per_clip[i] for i in idx])[k] for k in CI_KEYS]
+                      for idx in rng.integers(0, len(per_clip), (n, len(per_clip)))])
+    out = {}
+    for j, key in enumerate(CI_KEYS):
+        col = draws[:, j][np.isfinite(draws[:, j])]
+        # A resample without data for the metric is not evidence of a value: left out.
+        lo, hi = np.percentile(col, [2.5, 97.5]) if len(col) else (np.nan, np.nan)
+        out[f"{key}_ci"] = [float(lo), float(hi)]
+    return out
+
+
+# One system (and so one set of compiled programs) per model shape: the runs of a sweep differ
+# only in `train` (steps, lr, run_dir), which the sampler never reads.
+_SYSTEMS: dict = {}
+
+
+def shape_key(cfg: Config) -> Config:
+    """What a run's compiled sampler depends on: its config without the `train` section."""
+    return dataclasses.replace(cfg, train=type(cfg.train)())
+
+
+def shared_system(system: Any) -> Any:
+    """The first-loaded system of `system`'s shape (its jitted programs are already compiled)."""
+    return _SYSTEMS.setdefault(shape_key(system.cfg), system)
+
+
+@functools.cache
+def _recon_fn(system: Any) -> Any:
+    return jax.jit(lambda v, s: system.decode(system.encode(v, s), s))
+
+
 def evaluate_run(run_dir: str | Path, *, clips: int = 8, context_frames: int | None = None,
                  seed: int = 0, raw: bool = False, progress: bool = True) -> tuple[dict, dict]:
     """(result, traces) for one DiT run: result is the JSON table; traces holds, per split,
@@ -129,6 +172,7 @@ def evaluate_run(run_dir: str | Path, *, clips: int = 8, context_frames: int | N
     steps = [int(p.name) for p in (run_dir / "checkpoints").glob("*") if p.name.isdigit()]
     cfg, system, params, stats, step = load_for_sampling(run_dir, max(steps, default=None),
                                                          raw=raw)
+    system = shared_system(system)
     k = default_context_frames(cfg) if context_frames is None else context_frames
     check_context_frames(cfg, k)  # before the autoencoder pass, not after it
     start = video_frames_for(cfg, k)
@@ -137,7 +181,7 @@ def evaluate_run(run_dir: str | Path, *, clips: int = 8, context_frames: int | N
     active = [(name, w) for name, w in worlds.items() if isinstance(w, WorldConfig)]
     data = {name: held_out(w, world, cfg.data.seed, i, clips)
             for i, (name, w) in enumerate(active)}
-    recon_fn = jax.jit(lambda v, s: system.decode(system.encode(v, s), s))
+    recon_fn = _recon_fn(system)
     videos: dict[str, dict[str, np.ndarray]] = {s: {} for s in SOURCES}
     bar = tqdm(total=len(active) * (2 + 3 * clips), desc=f"eval-physics {run_dir.name}",
                dynamic_ncols=True, disable=not progress)
@@ -160,7 +204,8 @@ def evaluate_run(run_dir: str | Path, *, clips: int = 8, context_frames: int | N
                 per_clip.append(clip_metrics(t, clip, start, w.height, w.fps, w.gravity))
                 tracks.append(t)
                 bar.update()
-            rows.append({"source": source, "split": name, **_summarise(per_clip)})
+            rows.append({"source": source, "split": name, **_summarise(per_clip),
+                         **bootstrap_intervals(per_clip, seed=seed)})
             if source == "model":
                 traces[name] = (data[name], tracks)
     bar.close()
@@ -236,6 +281,22 @@ def format_compute_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _grouped(run_dirs: list[str]) -> list[int]:
+    """Indices of `run_dirs`, runs of one model shape next to each other (in first-seen order),
+    so each shape's compiled sampler serves all its runs before the next shape's is built."""
+    from vdit.io.run_dir import run_config
+
+    first: dict = {}
+    keys = []
+    for i, run in enumerate(run_dirs):
+        try:
+            key = shape_key(run_config(run))
+        except (OSError, ConfigError):  # an export or param checkpoint: left in its place
+            key = i
+        keys.append(first.setdefault(key, i))
+    return sorted(range(len(run_dirs)), key=lambda i: keys[i])
+
+
 def run_eval_physics(run_dirs: list[str], *, clips: int = 8, out: str | None = None,
                      context_frames: int | None = None, seed: int = 0, raw: bool = False,
                      progress: bool = True) -> dict:
@@ -248,12 +309,12 @@ def run_eval_physics(run_dirs: list[str], *, clips: int = 8, out: str | None = N
     out_dir = Path(out) if out else Path(run_dirs[0]) / "physics"
     if out:  # refused before minutes of evaluation; the default is checked with its run
         check_output_dir(out_dir, "--out")
-    results = []
-    for run in run_dirs:
-        result, traces = evaluate_run(run, clips=clips, context_frames=context_frames,
+    results: list = [None] * len(run_dirs)
+    for i in _grouped(run_dirs):  # each shape's runs together: its programs stay cached
+        result, traces = evaluate_run(run_dirs[i], clips=clips, context_frames=context_frames,
                                       seed=seed, raw=raw, progress=progress)
         tqdm.write(format_table(result))
-        results.append((result, traces))
+        results[i] = (result, traces)
     # Created once every run has been read: a RUN_DIR that is not a run gets no physics/.
     out_dir.mkdir(parents=True, exist_ok=True)
     # Plots of one run: the only one, or the one trained with the most compute.

@@ -410,6 +410,14 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    from vdit.scaling.sweep_status import format_status, sweep_status
+
+    grid = load_grid(args.grid)
+    print(format_status(sweep_status(grid_points(grid)[0], grid.out_dir / LEDGER)))
+    return 0
+
+
 def register(subparsers: Any) -> None:
     """Add `sweep run GRID.yaml [--print-launch]` and `sweep fit LEDGER [--out DIR]` to an
     argparse subparsers object; the handlers are set as `func` and return an exit code."""
@@ -432,3 +440,10 @@ def register(subparsers: Any) -> None:
     f.add_argument("--top", type=int, default=64,
                    help="optimise only the starts with the lowest initial objective")
     f.set_defaults(func=_cmd_fit)
+    s = sub.add_parser("status", help="points done, running and left, the time each took and "
+                       "an estimate for the rest (reads files only; no JAX)")
+    s.add_argument("grid", help="grid YAML, e.g. experiments/scaling/physics.yaml")
+    s.set_defaults(func=_cmd_status)
+    from vdit.scaling.physics_fit import register as register_physics_fit
+
+    register_physics_fit(sub)

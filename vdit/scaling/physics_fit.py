@@ -1,0 +1,226 @@
+"""`vdit sweep fit-physics PHYSICS_JSON`: each physics metric of `vdit eval-physics` against
+training compute, in distribution and for each out-of-distribution split separately.
+
+Input: the physics.json that `vdit eval-physics RUN ... --out DIR` writes for many runs (each
+run's training FLOPs and its per-split rows). Each run is one point (C, y) per metric and split,
+with C its training FLOPs and y the model's split-level value. Two curves are fitted:
+
+- a power law, log10 y = k log10 C + c (least squares in log-log; only y > 0 can be used), whose
+  slope k says whether the metric moves with compute at all: "falls" / "rises" when its 95 %
+  interval excludes 0, else "no trend";
+- a saturating curve, y = e + a (C / C_ref)^(-b) with b in [0, 4] (C_ref: the geometric mean of
+  the points' C), fitted by profiling b over a grid with e, a by linear least squares; e is the
+  value it levels off at (a < 0 for a rising metric such as the found rate).
+
+Intervals: 95 % bootstrap percentiles, resampling the runs with replacement (`--bootstrap`
+refits). The plot draws, per metric, one line per split (the power law) with its interval band
+and the points with their 95 % intervals over clips (eval-physics' `KEY_ci`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+METRICS = (("found", "ball found (rate)"), ("velocity_error", "velocity error (h/s)"),
+           ("gravity_error", "gravity error (rel.)"), ("radius_drift", "radius drift (rel.)"),
+           ("permanence_failure", "permanence failure (rate)"),
+           ("reemergence_error", "re-emergence error (h)"))
+SPLITS = ("in_distribution", "ood_speed", "ood_radius", "ood_combo")
+_B_GRID = np.linspace(0.0, 4.0, 161)
+
+
+def metric_points(summary: dict, metric: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(training FLOPs, values) of the model's rows of one split, runs with a finite value."""
+    c, y = [], []
+    for run in summary["runs"]:
+        for row in run["rows"]:
+            if (row["source"] == "model" and row["split"] == split
+                    and np.isfinite(row.get(metric, np.nan))):
+                c.append(float(run["flops"]))
+                y.append(float(row[metric]))
+    return np.asarray(c), np.asarray(y)
+
+
+def power_law(c: np.ndarray, y: np.ndarray) -> tuple[float, float] | None:
+    """(slope k, intercept) of log10 y = k log10 C + intercept; None without 2 distinct C."""
+    ok = y > 0
+    x, z = np.log10(c[ok]), np.log10(y[ok])
+    if len(np.unique(x)) < 2:
+        return None
+    k, b = np.polyfit(x, z, 1)
+    return float(k), float(b)
+
+
+def saturating(c: np.ndarray, y: np.ndarray, c_ref: float) -> tuple[float, float, float] | None:
+    """(e, a, b) of y = e + a (C / c_ref)^(-b) by least squares; None without 3 distinct C."""
+    if len(np.unique(c)) < 3:
+        return None
+    u = np.log(c / c_ref)
+    best = None
+    for b in _B_GRID:
+        design = np.stack([np.ones_like(u), np.exp(-b * u)], axis=1)
+        coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+        sse = float(np.sum((design @ coef - y) ** 2))
+        if best is None or sse < best[0] - 1e-15:
+            best = (sse, float(coef[0]), float(coef[1]), float(b))
+    return None if best is None else best[1:]
+
+
+def _interval(values: list[float]) -> list[float]:
+    v = np.asarray([x for x in values if np.isfinite(x)])
+    return [float(x) for x in np.percentile(v, [2.5, 97.5])] if len(v) else [np.nan, np.nan]
+
+
+def fit_metric(c: np.ndarray, y: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Both curves with 95 % bootstrap intervals, and the curve bands on a grid of C."""
+    out: dict[str, Any] = {"n_runs": len(c), "n_positive": int(np.sum(y > 0))}
+    if len(c) < 2:
+        return out
+    c_ref = float(np.exp(np.mean(np.log(c))))
+    grid = np.geomspace(c.min(), c.max(), 32)
+    rng = np.random.default_rng(seed)
+    pl, sat = power_law(c, y), saturating(c, y, c_ref)
+    boots_pl, boots_sat, curves = [], [], []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(c), len(c))
+        if (p := power_law(c[idx], y[idx])) is not None:
+            boots_pl.append(p)
+            curves.append(10 ** (p[1] + p[0] * np.log10(grid)))
+        if sat is not None and (s := saturating(c[idx], y[idx], c_ref)) is not None:
+            boots_sat.append(s)
+    out["grid_flops"] = grid.tolist()
+    if pl is not None:
+        k_ci = _interval([b[0] for b in boots_pl])
+        trend = ("falls" if k_ci[1] < 0 else "rises" if k_ci[0] > 0 else "no trend")
+        out["power_law"] = {
+            "slope": pl[0], "slope_ci": k_ci, "intercept": pl[1],
+            "intercept_ci": _interval([b[1] for b in boots_pl]), "trend": trend,
+            "curve": (10 ** (pl[1] + pl[0] * np.log10(grid))).tolist(),
+            "band": (np.percentile(curves, [2.5, 97.5], axis=0).tolist() if curves else None)}
+    if sat is not None:
+        out["saturating"] = {"c_ref": c_ref, **{
+            k: v for i, name in enumerate(("e", "a", "b"))
+            for k, v in ((name, sat[i]), (f"{name}_ci", _interval([s[i] for s in boots_sat])))},
+            "curve": (sat[0] + sat[1] * (grid / c_ref) ** -sat[2]).tolist()}
+    return out
+
+
+def fit_physics(summary: dict, n_boot: int = 1000, seed: int = 0) -> dict:
+    """{metric: {split: fit_metric(...)}} for every metric and split with data."""
+    result: dict[str, Any] = {"n_runs": len(summary["runs"]), "bootstrap": n_boot, "fits": {}}
+    for metric, _ in METRICS:
+        for split in SPLITS:
+            c, y = metric_points(summary, metric, split)
+            if len(c):
+                result["fits"].setdefault(metric, {})[split] = fit_metric(c, y, n_boot, seed)
+    return result
+
+
+def format_physics_fit(result: dict) -> str:
+    """Markdown: per metric and split, the power-law slope and trend, the saturating level."""
+    def ci(v: list[float]) -> str:
+        return f"[{v[0]:.3g}, {v[1]:.3g}]"
+
+    lines = ["| metric | split | runs | power-law slope [95 %] | trend | saturates at e [95 %] "
+             "| b [95 %] |", "|---|---|---:|---|---|---|---|"]
+    for metric, splits in result["fits"].items():
+        for split, f in splits.items():
+            pl, sat = f.get("power_law"), f.get("saturating")
+            slope = f"{pl['slope']:.3f} {ci(pl['slope_ci'])}" if pl else "-"
+            level = f"{sat['e']:.3g} {ci(sat['e_ci'])}" if sat else "-"
+            b = f"{sat['b']:.2f} {ci(sat['b_ci'])}" if sat else "-"
+            lines.append(f"| {metric} | {split} | {f['n_runs']} | {slope} | "
+                         f"{pl['trend'] if pl else '-'} | {level} | {b} |")
+    return "\n".join(lines)
+
+
+def plot_physics_fit(result: dict, summary: dict, path: Path) -> Path:
+    """One panel per metric: per split its runs (with clip intervals), the power law and its
+    bootstrap band; log-log axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7), dpi=110)
+    colours = dict(zip(SPLITS, ("C0", "C3", "C2", "C1"), strict=True))
+    for ax, (metric, title) in zip(axes.ravel(), METRICS, strict=True):
+        for split, f in result["fits"].get(metric, {}).items():
+            col = colours[split]
+            for run in summary["runs"]:
+                for row in run["rows"]:
+                    if row["source"] == "model" and row["split"] == split and np.isfinite(
+                            row.get(metric, np.nan)) and row[metric] > 0:
+                        lo, hi = row.get(f"{metric}_ci", [row[metric]] * 2)
+                        err = [[max(row[metric] - lo, 0)], [max(hi - row[metric], 0)]]
+                        ax.errorbar(run["flops"], row[metric], yerr=err, fmt="o", ms=3,
+                                    color=col, alpha=0.6, lw=0.8)
+            pl = f.get("power_law")
+            if pl:
+                ax.plot(f["grid_flops"], pl["curve"], color=col,
+                        label=f"{split} (k={pl['slope']:.2f})")
+                if pl["band"]:
+                    ax.fill_between(f["grid_flops"], *pl["band"], color=col, alpha=0.15)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("training FLOPs", fontsize=8)
+        ax.grid(alpha=0.3, which="both")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(f"physics against compute: {result['n_runs']} runs, power-law fits with 95 % "
+                 f"bootstrap bands ({result['bootstrap']} refits over runs)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def run_fit_physics(physics: str | Path, out: str | Path | None = None, n_boot: int = 1000,
+                    seed: int = 0) -> dict:
+    """Read physics.json (or the folder holding it), write physics_fit.json and .png to `out`
+    (default: the same folder); returns the fit."""
+    from vdit.config import ConfigError
+    from vdit.io.run_dir import check_output_dir
+
+    src = Path(physics)
+    src = src / "physics.json" if src.is_dir() else src
+    if not src.is_file():
+        raise FileNotFoundError(f"no physics.json at {src} (written by `vdit eval-physics RUN "
+                                "... --out DIR`)")
+    if n_boot < 1:
+        raise ConfigError(f"--bootstrap: must be >= 1, got {n_boot}")
+    summary = json.loads(src.read_text())
+    if not isinstance(summary, dict) or not isinstance(summary.get("runs"), list):
+        raise ConfigError(f"{src}: not an eval-physics summary (no 'runs' list)")
+    out_dir = check_output_dir(Path(out) if out else src.parent, "--out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = fit_physics(summary, n_boot=n_boot, seed=seed)
+    result["source"] = str(src)
+    (out_dir / "physics_fit.json").write_text(json.dumps(result, indent=1, allow_nan=True))
+    plot_physics_fit(result, summary, out_dir / "physics_fit.png")
+    return result
+
+
+def _cmd_fit_physics(args: argparse.Namespace) -> int:
+    result = run_fit_physics(args.physics, args.out, n_boot=args.bootstrap, seed=args.seed)
+    print(format_physics_fit(result))
+    out = Path(args.out) if args.out else Path(result["source"]).parent
+    print(f"wrote {out / 'physics_fit.json'} and {out / 'physics_fit.png'}")
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add `sweep fit-physics PHYSICS [--out DIR] [--bootstrap N] [--seed S]`."""
+    p = sub.add_parser("fit-physics", help="fit each eval-physics metric against training "
+                       "compute (power law and saturating curve, bootstrap intervals), per split")
+    p.add_argument("physics", help="physics.json of `vdit eval-physics RUN ... --out DIR`, or DIR")
+    p.add_argument("--out", default=None, help="output folder (default: the input's)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap refits over runs")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_fit_physics)
