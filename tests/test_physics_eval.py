@@ -137,3 +137,48 @@ def test_eval_physics_end_to_end_on_a_tiny_run(tiny_run, tmp_path, capsys):
         assert (out / name).stat().st_size > 5000
     assert main(["eval-physics", str(tmp_path / "nowhere")]) == 2
     assert "not a vdit run directory" in capsys.readouterr().err
+
+
+def test_bootstrap_intervals_cover_the_clip_mean_and_shrink_with_clips():
+    from vdit.eval.physics_eval import bootstrap_intervals
+
+    rng = np.random.default_rng(0)
+
+    def clips(n):
+        return [{"found": 1.0, "velocity_error": v, "gravity_error": np.nan, "radius_drift": 0.0,
+                 "failure": bool(v > 1.2), "count_error": 0.0, "vanished": 0, "appeared": 0,
+                 "reemergence_errors": [], "reemergence_missed": 0, "energy_errors": []}
+                for v in rng.normal(1.0, 0.3, n)]
+
+    small, big = bootstrap_intervals(clips(16)), bootstrap_intervals(clips(256))
+    for ci in (small, big):
+        assert ci["velocity_error_ci"][0] < 1.0 < ci["velocity_error_ci"][1]
+        assert np.isnan(ci["gravity_error_ci"]).all()  # no data: no interval
+    width = {k: v["velocity_error_ci"][1] - v["velocity_error_ci"][0]
+             for k, v in (("s", small), ("b", big))}
+    assert width["b"] < 0.5 * width["s"] and width["b"] > 0.02  # ~1/sqrt(n), not a point
+
+
+def test_eval_physics_compiles_one_sampler_per_model_shape(tiny_run, tmp_path):
+    """Two runs of one shape (a sweep's points differ only in `train`): the second is evaluated
+    without lowering any program again."""
+    import jax
+
+    from vdit.config import to_dict
+    from vdit.eval.physics_eval import evaluate_run
+    from vdit.io.checkpoint import load_params, save_params
+
+    tensors, info = load_params(tiny_run)
+    cfg = from_dict(info["config"])
+    other = to_dict(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=99,
+                                                                        lr=3e-4)))
+    second = save_params(tmp_path / "second", tensors, {**info, "config": other})
+    lowered = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, _, **kw: lowered.append(event)
+        if event == "/jax/core/compile/jaxpr_to_mlir_module_duration" else None)
+    evaluate_run(tiny_run, clips=1, progress=False)
+    first = len(lowered)
+    result, _ = evaluate_run(second, clips=1, progress=False)
+    assert first > 0 and len(lowered) == first, (first, len(lowered))
+    assert all(len(r["velocity_error_ci"]) == 2 for r in result["rows"])
