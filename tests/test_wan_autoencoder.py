@@ -170,3 +170,18 @@ def test_images_take_one_frame_buckets_and_videos_the_others():
     image = np.zeros((1, 40, 60, 3), np.uint8)  # no frame-rate resampling for a still
     video, bucket = prepare_clip(image, 0.0, 8.0, buckets)
     assert video.shape == (1, 32, 64, 3) and bucket == (1, 32, 64)
+    for frames, fps_out in ((1, None), (2, 4.0)):  # a one-frame video is still a video
+        with pytest.raises(SkipClip, match="too_short"):
+            prepare_clip(np.zeros((frames, 32, 64, 3), np.uint8), 8.0, fps_out, buckets)
+
+
+def test_latent_statistics_and_frozen_params_come_from_the_checkpoint():
+    from vdit.diffusion.text_to_video import TextToVideo
+
+    config = json.loads((WAN21 / "config.json").read_text())
+    system = TextToVideo(_cfg())
+    stats = system.initial_stats(np.zeros((0,), np.float32))
+    np.testing.assert_allclose(stats["mean"], config["latents_mean"], rtol=1e-6)
+    np.testing.assert_allclose(stats["std"], config["latents_std"], rtol=1e-6)
+    shapes = jax.tree.map(lambda x: x.shape, system.stats_shapes()["autoencoder"])
+    assert jax.tree.map(lambda x: x.shape, stats["autoencoder"]) == shapes
