@@ -159,14 +159,20 @@ def test_bootstrap_intervals_cover_the_clip_mean_and_shrink_with_clips():
     assert width["b"] < 0.5 * width["s"] and width["b"] > 0.02  # ~1/sqrt(n), not a point
 
 
-def test_eval_physics_compiles_one_sampler_per_model_shape(tiny_run, tmp_path):
+def test_eval_physics_compiles_one_sampler_per_model_shape(tiny_run, tmp_path, monkeypatch):
     """Two runs of one shape (a sweep's points differ only in `train`): the second is evaluated
     without lowering any program again."""
     import jax
 
     from vdit.config import to_dict
+    from vdit.eval import physics_eval
     from vdit.eval.physics_eval import evaluate_run
     from vdit.io.checkpoint import load_params, save_params
+
+    # Start cold: earlier tests in this process may have evaluated the same shape already.
+    monkeypatch.setattr(physics_eval, "_SYSTEMS", {})
+    physics_eval._recon_fn.cache_clear()
+    jax.clear_caches()
 
     tensors, info = load_params(tiny_run)
     cfg = from_dict(info["config"])
