@@ -11,7 +11,6 @@ extra or wrongly shaped tensor is refused naming it.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path
 from typing import Any
@@ -22,9 +21,9 @@ from flax import traverse_util
 from vdit.io.hf_folder import (
     CheckpointFormatError,
     check_tensors,
+    folder_sha256,
     read_config,
     read_tensors,
-    weight_files,
 )
 from vdit.models.wan_vae import WanVAE, WanVAESpec
 
@@ -84,20 +83,5 @@ def load_wan_vae(path: str | Path) -> tuple[WanVAESpec, dict[str, Any], dict[str
 
 
 def checkpoint_sha256(path: str | Path) -> str:
-    """A fingerprint of the checkpoint folder: sha256 over config.json, the index (if sharded)
-    and each weight file, each preceded by its name, in a fixed order. Unrelated files in the
-    folder do not change it."""
-    folder = Path(path)
-    read_config(folder)  # refuses a folder without a readable config.json, naming it
-    files = [folder / "config.json"]
-    index = folder / f"{WEIGHTS}.index.json"
-    if not (folder / WEIGHTS).exists() and index.exists():
-        files.append(index)
-    files += weight_files(folder, WEIGHTS)
-    digest = hashlib.sha256()
-    for f in files:
-        digest.update(f.name.encode() + b"\0")
-        with open(f, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    """The fingerprint of a Wan VAE folder (`hf_folder.folder_sha256`)."""
+    return folder_sha256(path, WEIGHTS)

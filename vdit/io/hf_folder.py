@@ -8,6 +8,7 @@ dtype (bf16 through ml_dtypes); nothing is pickled, `.bin` files are refused.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -91,3 +92,22 @@ def check_tensors(found: dict[str, np.ndarray], expected: dict[str, tuple[int, .
                  + [f"unexpected tensor {k}" for k in extra[:5]] + wrong[:5])
         raise CheckpointFormatError(f"{where}: the checkpoint does not match its config.json:\n  "
                                     + "\n  ".join(lines))
+
+
+def folder_sha256(folder: str | Path, weights: str) -> str:
+    """SHA-256 fingerprint of a checkpoint folder: config.json, the index (if sharded) and every
+    weight file, each hashed as its name, byte length and contents, in name order. The same
+    folder gives the same digest wherever it lies; unrelated files do not change it."""
+    folder = Path(folder)
+    read_config(folder)  # refuses a folder without a readable config.json, naming it
+    files = [folder / "config.json", *weight_files(folder, weights)]
+    index = folder / f"{weights}.index.json"
+    if index.exists() and not (folder / weights).exists():
+        files.append(index)
+    digest = hashlib.sha256()
+    for file in sorted(set(files), key=lambda f: f.name):
+        digest.update(file.name.encode() + b"\0" + file.stat().st_size.to_bytes(8, "little"))
+        with file.open("rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()

@@ -20,7 +20,6 @@ then `</s>`, padding is `<pad>` with mask 0. `truncated` counts the captions cut
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,8 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdit.io.hf_folder import CheckpointFormatError, check_tensors, read_config, read_tensors
-from vdit.io.hf_folder import weight_files as _weight_files
+from vdit.io.hf_folder import (
+    CheckpointFormatError,
+    check_tensors,
+    folder_sha256,
+    read_config,
+    read_tensors,
+)
 from vdit.models.t5 import T5Encoder, T5Spec
 
 WEIGHTS = "model.safetensors"
@@ -221,19 +225,5 @@ def load_t5(path: str | Path, dtype: Any = jnp.float32, *,
 
 
 def checkpoint_sha256(path: str | Path) -> str:
-    """SHA-256 of config.json and the weight files (the index and every shard), each hashed as
-    its name, byte length and contents, in name order: the same folder always gives the same
-    hex digest, wherever it lies."""
-    folder = Path(path)
-    if not (folder / "config.json").exists():
-        raise CheckpointFormatError(f"{folder}: no config.json")
-    files = [folder / "config.json", *_weight_files(folder, WEIGHTS)]
-    if (folder / f"{WEIGHTS}.index.json").exists() and not (folder / WEIGHTS).exists():
-        files.append(folder / f"{WEIGHTS}.index.json")
-    digest = hashlib.sha256()
-    for file in sorted(set(files), key=lambda f: f.name):
-        digest.update(file.name.encode() + b"\0" + file.stat().st_size.to_bytes(8, "little"))
-        with file.open("rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
-    return digest.hexdigest()
+    """The fingerprint of a T5 folder (`hf_folder.folder_sha256`)."""
+    return folder_sha256(path, WEIGHTS)
