@@ -68,3 +68,33 @@ def test_report_splits_the_encoders_flops_and_gives_the_fastest_steps_mfu():
     assert "MFU           35.2 % (fastest step 44.1 %)" in report
     r.update(flops_per_step=10.0e9, encoder_flops_per_step=0.0)
     assert "10.0 GFLOP analytic (" in format_report(r)
+
+
+def _tool(name: str):
+    """A script under tools/ as a module (tools/ is not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_peer_attention_flops_are_vdit_attention_flops():
+    """tools/bench_peer.py adds the attention torch's FlopCounterMode misses on CPU: it must be
+    exactly vdit's analytic self- and cross-attention matmuls (3 x forward), so the two sides'
+    FLOP counts compare like for like. No torch needed."""
+    from vdit.config import load_config
+    from vdit.scaling.flops import forward_breakdown
+
+    peer = _tool("bench_peer")
+    overrides = ["model.depth=3", "model.width=128", "model.heads=2", "text.max_length=8"]
+    cfg = load_config("experiments/bench_cpu.yaml", overrides)
+    shape = peer.peer_shape("experiments/bench_cpu.yaml", overrides, steps=1, warmup=0)
+    assert (shape["depth"], shape["width"], shape["text_length"]) == (3, 128, 8)
+    f = forward_breakdown(cfg)
+    n, s, d = cfg.num_tokens(), cfg.text.max_length, cfg.model.width
+    attention = f.self_attention + cfg.model.depth * 4.0 * n * s * d  # cross: QK and AV only
+    assert peer.sdpa_flops(shape) == 3 * attention * cfg.train.batch_size

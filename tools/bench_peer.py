@@ -5,13 +5,17 @@ the rectified-flow loss) at vdit's shape: layers, width, heads, MLP width, patch
 text length and width, batch. Rounds alternate `vdit bench` and the peer's step, so drift of a
 shared machine hits both; each round reports both step times, tokens/s and the ratio, and the
 rounds the peer wins are listed, not hidden. FLOPs are printed for both sides: vdit's analytic
-count (and XLA's), and the peer's as torch's FlopCounterMode counts one forward + backward.
+count (and XLA's), and the peer's as torch's FlopCounterMode counts one forward + backward, plus
+the attention matmuls it does not count on CPU. `--profile` then shows where each side's step
+goes, by op category (tools/profile_step.py for vdit, torch.profiler for the peer).
 
 The peer runs in its own environment, built once outside the repository (torch is never a
 dependency of vdit or its tests):
 
     python tools/bench_peer.py experiments/bench_cpu.yaml --rounds 2 --steps 3
     python tools/bench_peer.py experiments/bench_cpu.yaml model.depth=4 --peer-python /path/python
+    python tools/bench_peer.py experiments/default.yaml data.source=shards \
+        data.shards=runs/shards/demo-latents --rounds 3 --steps 10 --profile   # the demo's DiT
 
 The first run creates ~/.cache/vdit/peer-env (`pip install torch==2.13.0 diffusers`, about a
 minute from the pip cache); `--peer-python` uses an existing interpreter instead.
@@ -34,7 +38,7 @@ PEER_PACKAGES = ("torch==2.13.0", "diffusers")
 
 # Runs inside the peer environment; reads its shape as JSON from argv[1], prints one JSON line.
 PEER_STEP = r'''
-import json, statistics, sys, time
+import json, re, statistics, sys, time
 import torch
 from diffusers import WanTransformer3DModel
 from torch.utils.flop_counter import FlopCounterMode
@@ -69,6 +73,33 @@ with counter:
     step()
 for _ in range(s["warmup"]):
     step()
+if s.get("profile"):
+    # Self time per aten op (nested ops are not counted twice) of one step, by category.
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        step()
+        wall = time.perf_counter() - t0
+    cats = {}
+    for e in prof.key_averages():
+        name = e.key
+        if re.search(r"scaled_dot_product|flash_attention", name):
+            cat = "attention core (self and cross)"
+        elif name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul"):
+            cat = "matmuls (linear layers)"
+        elif name.startswith(("Optimizer.", "aten::_fused_adam", "aten::_foreach")):
+            cat = "optimizer (AdamW)"
+        elif name.startswith("aten::") or name.startswith("autograd::"):
+            cat = "element-wise: " + name.split("::", 1)[1]
+        else:
+            continue  # record_function ranges: their ops are counted by name
+        cats[cat] = cats.get(cat, 0.0) + e.self_cpu_time_total / 1e6
+    t0 = time.perf_counter()
+    for _ in range(3):
+        opt.step()  # AdamW alone, on the last step's gradients
+    print(json.dumps({"profile": cats, "wall_s": wall,
+                      "optimizer_s": (time.perf_counter() - t0) / 3}))
+    sys.exit(0)
 times = []
 for _ in range(s["steps"]):
     t0 = time.perf_counter()
@@ -111,6 +142,15 @@ def peer_shape(config: str | None, overrides: list[str], steps: int, warmup: int
             "warmup": warmup}
 
 
+def sdpa_flops(shape: dict) -> float:
+    """The peer's attention matmuls per train step, counted as vdit counts them (3 x forward):
+    torch's FlopCounterMode counts 0 for `scaled_dot_product_attention` on CPU (checked with
+    torch 2.13: a [1, 2, 64, 32] call forward and backward counts 0 FLOPs)."""
+    tokens = shape["tokens_per_step"] // shape["batch"]
+    per_layer = 4 * shape["batch"] * tokens * (tokens + shape["text_length"]) * shape["width"]
+    return 3.0 * per_layer * shape["depth"]
+
+
 def last_json_line(text: str) -> dict:
     for line in reversed(text.strip().splitlines()):
         if line.startswith("{"):
@@ -147,6 +187,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--peer-python", default=None, help="an interpreter with torch and "
                         "diffusers (default: build ~/.cache/vdit/peer-env once)")
+    parser.add_argument("--profile", action="store_true", help="after the rounds, where each "
+                        "side's step time goes: tools/profile_step.py and torch.profiler")
     args = parser.parse_args()
     if min(args.rounds, args.steps) < 1 or args.warmup < 0:
         parser.error("--rounds and --steps must be >= 1, --warmup >= 0")
@@ -168,10 +210,12 @@ def main() -> None:
         if ratio < 1:
             peer_wins.append(r)
         if r == 1:
+            peer_flops = peer["flops_per_step"] + sdpa_flops(shape)
             print(f"FLOPs/step: vdit {mine['flops_per_step'] / 1e9:.2f} G analytic "
                   f"({mine['xla_flops_per_step'] / 1e9:.2f} G by XLA), peer "
-                  f"{peer['flops_per_step'] / 1e9:.2f} G by torch's FlopCounterMode "
-                  f"(ratio {peer['flops_per_step'] / mine['flops_per_step']:.3f}); params vdit "
+                  f"{peer_flops / 1e9:.2f} G = {peer['flops_per_step'] / 1e9:.2f} G by torch's "
+                  f"FlopCounterMode + {sdpa_flops(shape) / 1e9:.2f} G of CPU attention it does "
+                  f"not count (ratio {peer_flops / mine['flops_per_step']:.3f}); params vdit "
                   f"{mine['params'] / 1e6:.2f} M, peer {peer['params'] / 1e6:.2f} M "
                   f"(torch {peer['torch']})")
         print(f"round {r}: vdit {mine['step_s']:.3f} s ({tokens / mine['step_s']:.0f} tok/s), "
@@ -179,6 +223,25 @@ def main() -> None:
               f"vdit/peer speed {ratio:.2f}x")
     print(f"median vdit/peer speed {statistics.median(ratios):.2f}x over {len(ratios)} rounds; "
           f"rounds the peer won: {peer_wins or 'none'}")
+    if args.profile:
+        profile_both(args.config, args.overrides, python, shape)
+
+
+def profile_both(config: str | None, overrides: list[str], python: Path, shape: dict) -> None:
+    """Each side's step by op category: vdit's from its XLA:CPU trace, the peer's as the self
+    time of each aten op (torch.profiler) plus its AdamW step timed alone."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, str(ROOT / "tools" / "profile_step.py"),
+           *([config] if config else []), *overrides, "--top", "0"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
+    print("\nvdit, one traced step (tools/profile_step.py):\n" + out.strip())
+    peer = run_peer(python, {**shape, "profile": True})
+    total = sum(peer["profile"].values())
+    print(f"\npeer, one profiled step: {peer['wall_s']:.2f} s wall, {total:.2f} s of op self "
+          f"time; AdamW step alone {1e3 * peer['optimizer_s']:.1f} ms (inside element-wise)")
+    for name, seconds in sorted(peer["profile"].items(), key=lambda kv: -kv[1]):
+        if seconds >= 0.001 * total:
+            print(f"  {1e3 * seconds:8.1f} ms  {100 * seconds / total:5.1f} %  {name}")
 
 
 if __name__ == "__main__":

@@ -76,6 +76,9 @@ def category(op_name: str) -> str:
             return "attention core (self)"
     if op_name.endswith("dot_general"):
         return "matmuls (linear layers, cross-attention)"
+    if (op_name.startswith("jit(") and "DiT" not in op_name) or op_name.startswith("state."):
+        # fusions named after a state leaf (state.params[...]) are the per-leaf updates
+        return "outside the model: optimizer, EMA, loss, noise"
     return "element-wise: " + op_name.rsplit("/", 1)[-1]
 
 
