@@ -133,7 +133,7 @@ def test_eval_physics_end_to_end_on_a_tiny_run(tiny_run, tmp_path, capsys):
     assert {"in_distribution", "ood_speed", "ood_radius"} <= {s for _, s in rows}
     truth = rows["ground truth", "in_distribution"]
     assert truth["permanence_failure"] == 0 and truth["velocity_error"] < 0.05
-    for name in ("error_by_split.png", "trajectories.png"):
+    for name in ("error_by_split.png", "trajectories.png", "continuations.png"):
         assert (out / name).stat().st_size > 5000
     assert main(["eval-physics", str(tmp_path / "nowhere")]) == 2
     assert "not a vdit run directory" in capsys.readouterr().err
@@ -188,3 +188,40 @@ def test_eval_physics_compiles_one_sampler_per_model_shape(tiny_run, tmp_path, m
     result, _ = evaluate_run(second, clips=1, progress=False)
     assert first > 0 and len(lowered) == first, (first, len(lowered))
     assert all(len(r["velocity_error_ci"]) == 2 for r in result["rows"])
+
+
+def test_continuation_grid_puts_truth_on_top_and_runs_by_compute():
+    """The strips of `vdit eval-physics`: runs picked at least, middle and most compute, the
+    true clip on the top row and each run's continuation below, splits side by side."""
+    from vdit.eval.physics_plots import continuation_grid, pick_by_compute
+
+    t, h, w = 3, 4, 5
+
+    def run(flops: float, shade: int) -> tuple:
+        truth = np.full((t, h, w, 3), 10, np.uint8)
+        truth[:, :, :, 0] = np.arange(t)[:, None, None]  # frame index in red: order is visible
+        model = np.full((t, h, w, 3), shade, np.uint8)
+        return ({"run": f"x{shade}", "flops": flops, "context_video_frames": 1},
+                {"continuations": {"a": (truth, model), "b": (truth, model + 1)}})
+
+    runs = [run(f, s) for f, s in ((1e13, 30), (1e12, 20), (1e14, 50), (3e13, 40), (2e12, 25))]
+    picked = pick_by_compute(runs)
+    assert [r["flops"] for r, _ in picked] == [1e12, 1e13, 1e14]
+    grid = continuation_grid(picked, gap=2)
+    assert grid.shape == (4 * h, 2 * t * w + 2, 3)
+    assert (grid[:h, : t * w, 0].reshape(h, t, w) == np.arange(t)[None, :, None]).all()
+    for row, shade in enumerate((20, 30, 50), start=1):
+        assert (grid[row * h:(row + 1) * h, : t * w] == shade).all()
+        assert (grid[row * h:(row + 1) * h, t * w + 2:] == shade + 1).all()
+    assert (grid[:, t * w: t * w + 2] == 255).all()
+    assert len(pick_by_compute(runs[:2])) == 2
+
+
+def test_continuation_strips_are_written(tmp_path):
+    from vdit.eval.physics_plots import plot_continuations
+
+    video = np.zeros((9, 32, 32, 3), np.uint8)
+    results = [({"run": "x1-C1e12", "flops": 1e12, "context_video_frames": 5},
+                {"continuations": {s: (video, video) for s in ("in_distribution", "ood_speed")}})]
+    path = plot_continuations(results, tmp_path / "continuations.png")
+    assert path.stat().st_size > 2000

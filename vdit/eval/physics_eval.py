@@ -209,6 +209,9 @@ def evaluate_run(run_dir: str | Path, *, clips: int = 8, context_frames: int | N
             if source == "model":
                 traces[name] = (data[name], tracks)
     bar.close()
+    # The first clip of every split, true and continued, for the continuation strips.
+    traces["continuations"] = {name: (videos["ground truth"][name][0], videos["model"][name][0])
+                               for name, _ in active}
     result = {
         "run": str(run_dir), "step": step, "params": "raw" if raw else "ema",
         "context_frames": k, "context_video_frames": start, "frames": world.frames,
@@ -302,7 +305,13 @@ def run_eval_physics(run_dirs: list[str], *, clips: int = 8, out: str | None = N
                      progress: bool = True) -> dict:
     """Evaluate one or more runs; writes physics.json and the plots under `out` (default
     RUN_DIR/physics for one run; needed for several, which also get physics_vs_compute.*)."""
-    from vdit.eval.physics_plots import plot_errors_by_split, plot_trajectories, plot_vs_compute
+    from vdit.eval.physics_plots import (
+        pick_by_compute,
+        plot_continuations,
+        plot_errors_by_split,
+        plot_trajectories,
+        plot_vs_compute,
+    )
 
     if len(run_dirs) > 1 and not out:
         raise ConfigError("--out: needed when evaluating several runs")
@@ -322,6 +331,8 @@ def run_eval_physics(run_dirs: list[str], *, clips: int = 8, out: str | None = N
     plots = [plot_errors_by_split(best, out_dir / "error_by_split.png"),
              plot_trajectories(best, traces, out_dir / "trajectories.png")]
     summary = {"runs": [r for r, _ in results], "plots_of": best["run"]}
+    # Small, medium and large compute (one run: just it).
+    plots.append(plot_continuations(pick_by_compute(results), out_dir / "continuations.png"))
     if len(results) > 1:
         plots.append(plot_vs_compute(summary["runs"], out_dir / "physics_vs_compute.png"))
         table = format_compute_table(summary["runs"])

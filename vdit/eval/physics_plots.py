@@ -118,3 +118,53 @@ def plot_vs_compute(results: list[dict], path: Path) -> Path:
     axes[0, 0].legend(fontsize=7, ncol=2)
     fig.suptitle("Physics error of continuations against training compute", fontsize=11)
     return _save(fig, path)
+
+
+def pick_by_compute(results: list, count: int = 3) -> list:
+    """`count` of `results` (each (result, ...)) spread over training compute: the least, the
+    most, and evenly in between by rank; fewer if there are fewer."""
+    ranked = sorted(results, key=lambda rt: rt[0]["flops"])
+    picks = np.unique(np.round(np.linspace(0, len(ranked) - 1, min(count, len(ranked)))))
+    return [ranked[int(i)] for i in picks]
+
+
+def continuation_grid(results: list, gap: int = 4) -> np.ndarray:
+    """uint8 [H * (1 + R), S * (T * W + gap) - gap, 3]: for S splits side by side (frames left
+    to right, `gap` white pixels between splits), the true clip on the top row, then each of
+    the R runs' continuation of it. `results`: (result, traces) pairs, traces["continuations"]
+    [split] = (true video [T, H, W, 3] uint8, model video [T, H, W, 3] uint8)."""
+    splits = list(results[0][1]["continuations"])
+    rows = [[results[0][1]["continuations"][s][0] for s in splits]]
+    rows += [[traces["continuations"][s][1] for s in splits] for _, traces in results]
+    h = rows[0][0].shape[1]
+
+    def strip(videos: list[np.ndarray]) -> np.ndarray:  # [T, H, W, 3] per split -> [H, X, 3]
+        parts = []
+        for v in videos:
+            parts += [np.concatenate(list(v), axis=1), np.full((h, gap, 3), 255, np.uint8)]
+        return np.concatenate(parts[:-1], axis=1)
+
+    return np.concatenate([strip(r) for r in rows], axis=0)
+
+
+def plot_continuations(results: list, path: Path, scale: int = 2, gap: int = 4) -> Path:
+    """`continuation_grid` as a PNG, rows labelled with run and training FLOPs, a red rule
+    after the given frames of each split."""
+    plt = _plt()
+    splits = list(results[0][1]["continuations"])
+    t, h, w, _ = results[0][1]["continuations"][splits[0]][0].shape
+    image = continuation_grid(results, gap).repeat(scale, axis=0).repeat(scale, axis=1)
+    fig, ax = plt.subplots(figsize=(image.shape[1] / 100 + 1.6, image.shape[0] / 100 + 0.7),
+                           dpi=100)
+    ax.imshow(image, interpolation="nearest")
+    given = results[0][0]["context_video_frames"]
+    for i in range(len(splits)):
+        ax.axvline((i * (t * w + gap) + given * w) * scale - 0.5, color="red", lw=1)
+    labels = ["true"] + [f"{Path(r['run']).name}\n{r['flops']:.1e} FLOPs" for r, _ in results]
+    ax.set_yticks([(i + 0.5) * h * scale for i in range(1 + len(results))], labels, fontsize=7)
+    ax.set_xticks([(i * (t * w + gap) + t * w / 2) * scale for i in range(len(splits))],
+                  [s.replace("_", " ") for s in splits], fontsize=8)
+    ax.tick_params(length=0)
+    fig.suptitle(f"Continuations of held-out clips ({given} frames given, left of the red rule)",
+                 fontsize=9)
+    return _save(fig, path)
