@@ -389,6 +389,18 @@ def test_cli_tokenize(tmp_path, capsys):
     assert main([*args, "4x16x16"]) == 0
     assert "tokenized 3 clips" in capsys.readouterr().out
     assert read_index(tmp_path / "out", verify=True)["buckets"] == {"4x16x16": 3}
+    # A resume must write what the folder holds: another autoencoder or world is refused,
+    # naming the setting and both values, and nothing there changes.
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    cut = args.index("--physics")  # overrides go before the options
+    assert main([*args[:cut], "autoencoder.factors=[1,2,2]", *args[cut:], "4x16x16"]) == 2
+    err = capsys.readouterr().err
+    assert "autoencoder" in err and "[1, 4, 4]" in err and "[1, 2, 2]" in err, err
+    assert main([*args[:cut], "data.world.gravity=5.0", *args[cut:], "4x16x16"]) == 2
+    assert "world:" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    assert main([*args, "4x16x16"]) == 0  # the same settings resume (all already written)
+    assert "owns 1, 1 already written" in capsys.readouterr().out
 
 
 def test_tokenize_splits_shards_over_processes(tmp_path):

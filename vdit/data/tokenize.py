@@ -13,6 +13,8 @@ reason in its shard's sidecar; one bad file never stops the job.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
 import time
@@ -37,6 +39,7 @@ from vdit.data.shards import (
     write_index,
     write_shard,
 )
+from vdit.io.atomic import write_text
 from vdit.models.autoencoder import make_autoencoder
 
 log = logging.getLogger(__name__)
@@ -164,6 +167,44 @@ def _tokenize_shard(source, items: range, opts: TokenizeOptions, encoder: BatchE
     return records, skipped, truncated
 
 
+SETTINGS = "tokenize.json"  # what the shards of a folder were written with
+
+
+def settings(cfg: Config, opts: TokenizeOptions, captions=None) -> dict:
+    """What decides the records of a folder: the source (and its world), buckets, frame rate,
+    latent dtype, the autoencoder and the caption encoder (by content hash)."""
+    out = {"source": opts.info, "buckets": ["x".join(map(str, b)) for b in opts.buckets],
+           "fps": opts.fps, "latent_dtype": opts.dtype, "shard_size": opts.shard_size,
+           "autoencoder": {k: getattr(cfg.autoencoder, k) for k in
+                           ("kind", "factors", "latent_channels", "checkpoint")},
+           "text_max_length": cfg.text.max_length, "text_encoder": None}
+    if opts.info.get("source") == "physics":
+        out["world"] = dataclasses.asdict(cfg.data.world)
+    if captions is not None:
+        out["text_encoder"] = {"sha256": captions.sha256, "width": captions.width,
+                               "dtype": captions.dtype,
+                               "tokenizer_sha256": captions.tokenizer_sha256()}
+    return json.loads(json.dumps(out))  # tuples as lists, as they read back
+
+
+def check_settings(out: Path, current: dict, *, resumed: bool) -> None:
+    """A resumed `vdit tokenize` must write what the folder's shards were written with: a
+    difference is refused, naming each setting and both values. Records the settings on the
+    first run (a folder from before this check has shards and no record: not checked)."""
+    path = Path(out) / SETTINGS
+    if path.exists():
+        saved = json.loads(path.read_text())
+        diff = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+        if diff:
+            lines = "; ".join(f"{k}: {json.dumps(saved.get(k))} there, {json.dumps(current.get(k))}"
+                              f" now" for k in diff)
+            raise ConfigError(f"{out}: its shards were written with other settings ({lines}). "
+                              "Tokenize into a new folder, or rerun with the same settings")
+    elif not resumed:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        write_text(path, json.dumps(current, indent=1))
+
+
 def tokenize(source, cfg: Config, opts: TokenizeOptions, *, log_fn=print) -> dict | None:
     """Tokenize this process's unfinished shards of `source`; returns the index once every
     shard exists (None while other processes are still writing theirs)."""
@@ -178,6 +219,7 @@ def tokenize(source, cfg: Config, opts: TokenizeOptions, *, log_fn=print) -> dic
         from vdit.data.captions import CaptionEncoder
 
         captions = CaptionEncoder(cfg.text.checkpoint, cfg.text.max_length, cfg.text.dtype)
+    check_settings(opts.out, settings(cfg, opts, captions), resumed=len(mine) > len(todo))
     if todo:
         encoder = BatchEncoder(cfg, opts.dtype)
         tokenizer = captions or physics_tokenizer(cfg.text.max_length)
