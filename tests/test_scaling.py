@@ -268,6 +268,75 @@ def test_sweep_fit_command_writes_json_plots_and_a_ledger_copy(tmp_path, capsys)
         assert (out / png).stat().st_size > 10_000
 
 
+def test_predict_finds_the_true_compute_optimum_beyond_the_grid():
+    """`vdit sweep predict`: at 3x the largest budget the fitted law's compute-optimal N, D
+    and loss match the true law's (which made the data), each inside its bootstrap interval;
+    a run of the true law there is predicted within 1 %."""
+    import math
+
+    from vdit.scaling.extrapolate import compare, predict_at
+    from vdit.scaling.fit import compute_optimal
+
+    result = fit_rows(_synthetic_rows(), n_boot=40, starts="coarse", top=8, warm=2)
+    assert len(result["bootstrap_log_params"]) == 40
+    true_theta = np.array([math.log(TRUE["A"]), math.log(TRUE["B"]), math.log(TRUE["E"]),
+                           TRUE["alpha"], TRUE["beta"]])
+    c = 3e13
+    n, d, loss = (float(x[0]) for x in compute_optimal(true_theta, 6.0, 1.0, [c]))
+    pred = predict_at(result, c)
+    for key, true in (("n_opt", n), ("d_opt", d), ("loss", loss)):
+        lo, hi = pred[key + "_ci"]
+        assert lo <= true <= hi, (key, lo, true, hi)
+    assert pred["n_opt"] == pytest.approx(n, rel=0.5) and pred["loss"] == pytest.approx(
+        loss, rel=0.01)
+    observed = [{"name": "x", "flops": c, "per_token_params": n, "tokens": d,
+                 "eval_loss": loss}]
+    assert abs(compare(result, observed)[0]["error"]) < 0.01
+    # a run far off the law is reported as far off
+    assert compare(result, [{**observed[0], "eval_loss": 1.2 * loss}])[0]["error"] < -0.15
+
+
+def test_extra_point_runs_into_its_own_ledger_and_predict_compares_it(tmp_path, capsys):
+    """`sweep run --extra SIZE@FLOPS` trains one point of the family off the grid into
+    OUT/extrapolation.jsonl (the ledger, which fits read, stays untouched); `sweep predict`
+    then sets it against the law."""
+    from vdit.scaling.extrapolate import _cmd_predict  # noqa: F401 (the command's module)
+
+    path = _grid(tmp_path)
+    per_step = train_flops_per_step(from_dict(tiny_dict()))
+    parser = argparse.ArgumentParser(prog="vdit")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["sweep", "run", path, "--extra", f"1@{4 * per_step}"])
+    assert args.func(args) == 0
+    out = tmp_path / "sweep"
+    rows = read_ledger(out / "extrapolation.jsonl")
+    from vdit.scaling.sweep import budget_label
+
+    assert [r["name"] for r in rows] == [f"x1-C{budget_label(4 * per_step)}"]
+    assert rows[0]["steps"] == 4 and not (out / "ledger.jsonl").exists()
+    for bad in ("1.5", "x@3e14", "1@-5", "1@lots"):
+        with pytest.raises(ConfigError, match="--extra"):
+            args = parser.parse_args(["sweep", "run", path, "--extra", bad])
+            args.func(args)
+    fit_dir = tmp_path / "fit"
+    fit_dir.mkdir()
+    fit = fit_rows(_synthetic_rows(), n_boot=8, starts="coarse", top=4, warm=2)
+    (fit_dir / "fit.json").write_text(json.dumps(fit))
+    capsys.readouterr()
+    args = parser.parse_args(["sweep", "predict", str(fit_dir), "--flops", "3e13", "--grid",
+                              path])
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    assert "3.0x the largest fitted budget" in printed and "compute-optimal N" in printed
+    assert f"observed {rows[0]['name']}: loss {rows[0]['eval_loss']:.4f}" in printed
+    saved = json.loads((fit_dir / "prediction.json").read_text())
+    assert saved["observed"][0]["observed"] == rows[0]["eval_loss"]
+    assert len(saved["nearest_sizes"]) == 3
+    with pytest.raises(ConfigError, match=r"no fit\.json"):
+        args = parser.parse_args(["sweep", "predict", str(tmp_path), "--flops", "1e14"])
+        args.func(args)
+
+
 # --- sweep status -------------------------------------------------------------------------
 
 

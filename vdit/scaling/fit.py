@@ -294,6 +294,8 @@ def fit_rows(rows: list[dict], *, n_boot: int = 200, seed: int = 0, ci: float = 
                       "loss": float(ll)} for cc, nn, dd, ll in
                      zip(frontier_c, n_opt, d_opt, l_opt, strict=True)],
         "in_sample_mare": float(in_sample.mean()),
+        # every refit's log-space params: `vdit sweep predict` gives intervals from them
+        "bootstrap_log_params": boots.tolist(),
         "leave_one_budget_out": leave_one_budget_out(rows, starts=starts, top=top),
     }
 

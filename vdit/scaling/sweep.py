@@ -37,6 +37,7 @@ FAMILY_KEYS = {"head_dim": int, "lr_exponent": float, "batch_exponent": float,
 PLACEHOLDERS = ("name", "config", "overrides", "run_dir", "size", "budget", "steps")
 DEFAULT_LAUNCH = "vdit train {config} {overrides}"
 LEDGER = "ledger.jsonl"
+EXTRA_LEDGER = "extrapolation.jsonl"  # points run with --extra, kept out of the fit
 
 
 class GridError(ConfigError):
@@ -247,31 +248,50 @@ def grid_points(grid: Grid) -> tuple[list[Point], list[str]]:
     points, skipped = [], []
     for budget in sorted(grid.budgets):
         for size in grid.sizes:
-            try:
-                fam = family_overrides(base, size, **grid.family)
-            except ConfigError as e:
-                raise GridError(f"{grid.path}: {e}") from None
-            fam_list = [*grid.overrides, *(f"{k}={_fmt(v)}" for k, v in fam.items())]
-            sized = _config(grid, fam_list, f"size {size}")
-            per_step = train_flops_per_step(sized)
+            fam_list, per_step = _sized(grid, size, base)
             steps = round(budget / per_step)
-            name = f"{size_label(size)}-C{budget_label(budget)}"
             limit = (f"< min_steps {grid.min_steps}" if steps < grid.min_steps else
-                     f"> max_steps {grid.max_steps}" if grid.max_steps and steps > grid.max_steps
-                     else None)
+                     f"> max_steps {grid.max_steps}"
+                     if grid.max_steps and steps > grid.max_steps else None)
             if limit:
-                skipped.append(f"{name}: {budget:.3g} FLOPs buys {steps} steps of "
-                               f"{per_step:.3g} FLOPs ({limit})")
+                skipped.append(f"{size_label(size)}-C{budget_label(budget)}: {budget:.3g} "
+                               f"FLOPs buys {steps} steps of {per_step:.3g} FLOPs ({limit})")
                 continue
-            sched = {"train.steps": steps, "train.eval_every": steps,
-                     "train.checkpoint_every": math.ceil(steps / grid.checkpoints_per_run),
-                     "train.run_dir": str(grid.out_dir / name)}
-            if grid.warmup_fraction is not None:
-                sched["train.warmup_steps"] = round(grid.warmup_fraction * steps)
-            overrides = _dedupe([*fam_list, *(f"{k}={_fmt(v)}" for k, v in sched.items())])
-            cfg = _config(grid, overrides, name)
-            points.append(Point(name, size, budget, steps, per_step, overrides, cfg))
+            points.append(_point(grid, size, budget, fam_list, per_step, steps))
     return points, skipped
+
+
+def make_point(grid: Grid, size: str | float, budget: float) -> Point:
+    """The run of the grid's family at `size` spending `budget` training FLOPs, on the grid or
+    off it (`vdit sweep run --extra` runs one off it); min_steps and max_steps do not apply."""
+    fam_list, per_step = _sized(grid, size, _config(grid, grid.overrides, "base + overrides"))
+    steps = round(budget / per_step)
+    if steps < 1:
+        raise GridError(f"{grid.path}: size {size} at {budget:.3g} FLOPs: the budget buys "
+                        f"{steps} steps of {per_step:.3g} FLOPs")
+    return _point(grid, size, budget, fam_list, per_step, steps)
+
+
+def _sized(grid: Grid, size: str | float, base: Config) -> tuple[list[str], float]:
+    """(the overrides of `size`, its train FLOPs per step)."""
+    try:
+        fam = family_overrides(base, size, **grid.family)
+    except ConfigError as e:
+        raise GridError(f"{grid.path}: {e}") from None
+    fam_list = [*grid.overrides, *(f"{k}={_fmt(v)}" for k, v in fam.items())]
+    return fam_list, train_flops_per_step(_config(grid, fam_list, f"size {size}"))
+
+
+def _point(grid: Grid, size: str | float, budget: float, fam_list: list[str], per_step: float,
+           steps: int) -> Point:
+    name = f"{size_label(size)}-C{budget_label(budget)}"
+    sched = {"train.steps": steps, "train.eval_every": steps,
+             "train.checkpoint_every": math.ceil(steps / grid.checkpoints_per_run),
+             "train.run_dir": str(grid.out_dir / name)}
+    if grid.warmup_fraction is not None:
+        sched["train.warmup_steps"] = round(grid.warmup_fraction * steps)
+    overrides = _dedupe([*fam_list, *(f"{k}={_fmt(v)}" for k, v in sched.items())])
+    return Point(name, size, budget, steps, per_step, overrides, _config(grid, overrides, name))
 
 
 def launch_command(grid: Grid, point: Point, config_path: Path | str) -> str:
@@ -315,17 +335,20 @@ def ledger_row(point: Point, wall_s: float | None, resumed_from: int | None) -> 
 # --- running ------------------------------------------------------------------------------
 
 
-def run_sweep(grid_path: str | Path, print_launch: bool = False, *, log=print) -> list[dict]:
+def run_sweep(grid_path: str | Path, print_launch: bool = False, *,
+              extra: tuple[str | float, float] | None = None, log=print) -> list[dict]:
     """Run (or, with print_launch, print the launch command of) every point of a grid.
 
     Returns the ledger rows of the grid's points (including those finished earlier), or with
     print_launch [{"name", "command"}] per point. Points whose budget buys fewer than the
-    grid's min_steps are reported and left out.
+    grid's min_steps are reported and left out. `extra` (size, budget): run only that point of
+    the grid's family, on the grid or off it, into OUT/extrapolation.jsonl rather than the
+    ledger, so fits of the ledger never see it (`vdit sweep predict` compares it).
     """
     from tqdm import tqdm
 
     grid = load_grid(grid_path)
-    points, skipped = grid_points(grid)
+    points, skipped = ([make_point(grid, *extra)], []) if extra else grid_points(grid)
     for note in skipped:  # on stderr, so printed launch commands can be piped as they are
         print(f"skipped {note}", file=sys.stderr)
     if print_launch:
@@ -343,7 +366,7 @@ def run_sweep(grid_path: str | Path, print_launch: bool = False, *, log=print) -
     from vdit.train.loop import train
 
     grid.out_dir.mkdir(parents=True, exist_ok=True)
-    ledger_path = grid.out_dir / LEDGER
+    ledger_path = grid.out_dir / (EXTRA_LEDGER if extra else LEDGER)
     done = {r["name"]: r for r in read_ledger(ledger_path)}
     rows = []
     bar = tqdm(points, desc="sweep", unit="point", dynamic_ncols=True)
@@ -380,10 +403,28 @@ def run_sweep(grid_path: str | Path, print_launch: bool = False, *, log=print) -
 # --- command line -------------------------------------------------------------------------
 
 
+def parse_extra(text: str) -> tuple[float | str, float]:
+    """'1.25@3e14' -> (1.25, 3e14); ConfigError names --extra."""
+    size, sep, budget = text.partition("@")
+    try:
+        if not sep:
+            raise ValueError
+        value = float(budget)
+        size_value = size_multiplier(size)
+    except (ValueError, ConfigError):
+        raise ConfigError(f"--extra: expected SIZE@FLOPS such as 1.25@3e14, got {text!r}"
+                          ) from None
+    if not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"--extra: the budget must be a finite number of FLOPs > 0, got "
+                          f"{budget!r}")
+    return size_value, value
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    rows = run_sweep(args.grid, print_launch=args.print_launch)
+    extra = parse_extra(args.extra) if args.extra else None
+    rows = run_sweep(args.grid, print_launch=args.print_launch, extra=extra)
     if not args.print_launch:
-        print(f"{len(rows)} points in the ledger")
+        print(f"{len(rows)} points in the " + (EXTRA_LEDGER if extra else "ledger"))
     return 0
 
 
@@ -428,6 +469,9 @@ def register(subparsers: Any) -> None:
     r.add_argument("grid", help="grid YAML, e.g. experiments/scaling/cpu.yaml")
     r.add_argument("--print-launch", action="store_true",
                    help="print one launch command per point instead of running")
+    r.add_argument("--extra", metavar="SIZE@FLOPS", help="run one point of the grid's family "
+                   "at this size and budget (e.g. 1.25@3e14), on the grid or off it, into "
+                   "OUT/extrapolation.jsonl: a check of a fit's prediction")
     r.set_defaults(func=_cmd_run)
     f = sub.add_parser("fit", help="fit L(N, D) = E + A/N^alpha + B/D^beta to a ledger; "
                        "write fit.json and plots")
@@ -444,6 +488,8 @@ def register(subparsers: Any) -> None:
                        "an estimate for the rest (reads files only; no JAX)")
     s.add_argument("grid", help="grid YAML, e.g. experiments/scaling/physics.yaml")
     s.set_defaults(func=_cmd_status)
+    from vdit.scaling.extrapolate import register as register_predict
     from vdit.scaling.physics_fit import register as register_physics_fit
 
     register_physics_fit(sub)
+    register_predict(sub)
