@@ -109,6 +109,16 @@ def test_tokenize_videos_and_images_train_packed_sample_and_eval(tmp_path, capsy
     assert (out / "eval_ae.gif").stat().st_size > 0
     assert json.loads((out / "eval_ae.json").read_text())["psnr_db"] == result["psnr_db"]
 
+    # eval-ae on the clips behind the shards: each file re-read and fitted to its record's
+    # bucket, as tokenize did, so the coffee pan is scored at 5x32x32, not at 5x32x40.
+    assert main(["eval-ae", str(WAN21), "--shards", str(shards), "--tile", "48", "--out",
+                 str(tmp_path / "eval-shards"), "--json"]) == 0
+    on_shards = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    shapes = {r["clip"]: r["video"] for r in on_shards["per_clip"]}
+    assert on_shards["clips"] == 5 and on_shards["source"] == str(shards)
+    assert shapes["coffee.mp4"] == [5, 32, 32] and shapes["chelsea.png"] == [1, 32, 32]
+    assert 0 < on_shards["ssim_min"] <= on_shards["ssim"] <= 1
+
 
 def test_tiled_and_time_chunked_encode_decode_equal_one_shot():
     from vdit.io.autoencoders import load_wan
