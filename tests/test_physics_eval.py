@@ -5,6 +5,7 @@ defects (a vanished ball, reversed gravity), the out-of-distribution worlds, and
 import dataclasses
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -225,3 +226,43 @@ def test_continuation_strips_are_written(tmp_path):
                 {"continuations": {s: (video, video) for s in ("in_distribution", "ood_speed")}})]
     path = plot_continuations(results, tmp_path / "continuations.png")
     assert path.stat().st_size > 2000
+
+
+def test_eval_physics_reuses_runs_already_in_its_output(tiny_run, tmp_path, monkeypatch):
+    """A sweep's runs are evaluated as they finish: a run in OUT/physics.json at its current
+    checkpoint and with the same settings is not evaluated again; a newer checkpoint or other
+    settings are. Strips of reused runs come from OUT/continuations.npz."""
+    from vdit.eval import physics_eval
+    from vdit.eval.physics_eval import evaluate_run, run_eval_physics
+
+    real, traces = evaluate_run(tiny_run, clips=1, progress=False)
+    runs = {}
+    for name, flops in (("a", 1e12), ("b", 3e12), ("c", 2e12)):
+        (tmp_path / name / "checkpoints" / "5").mkdir(parents=True)
+        runs[str(tmp_path / name)] = flops
+    calls = []
+
+    def fake_evaluate(run_dir, *, clips, context_frames, seed, raw, progress):
+        calls.append(Path(run_dir).name)
+        return ({**real, "run": str(run_dir), "step": physics_eval._latest_step(run_dir),
+                 "flops": runs[str(run_dir)], "clips_per_split": clips, "seed": seed,
+                 "weights": "raw" if raw else "ema"},
+                traces)
+
+    monkeypatch.setattr(physics_eval, "evaluate_run", fake_evaluate)
+    out = tmp_path / "out"
+    a, b, c = runs
+    run_eval_physics([a, b], clips=1, out=str(out), progress=False)
+    assert calls == ["a", "b"]
+    first = json.loads((out / "physics.json").read_text())
+    calls.clear()
+    (tmp_path / "a" / "checkpoints" / "9").mkdir()  # a trained on: evaluated again
+    summary = run_eval_physics([a, b, c], clips=1, out=str(out), progress=False)
+    assert calls == ["a", "c"]
+    assert summary["runs"][1] == first["runs"][1] and summary["runs"][0]["step"] == 9
+    assert summary["plots_of"] == b and "continuations.png" in summary["plots"]
+    with np.load(out / "continuations.npz") as saved:
+        assert {k.split("|")[0] for k in saved.files} == {a, b, c}
+    calls.clear()
+    run_eval_physics([a, b, c], clips=2, out=str(out), progress=False)  # other settings
+    assert calls == ["a", "b", "c"]

@@ -213,7 +213,7 @@ def evaluate_run(run_dir: str | Path, *, clips: int = 8, context_frames: int | N
     traces["continuations"] = {name: (videos["ground truth"][name][0], videos["model"][name][0])
                                for name, _ in active}
     result = {
-        "run": str(run_dir), "step": step, "params": "raw" if raw else "ema",
+        "run": str(run_dir), "step": step, "weights": "raw" if raw else "ema",
         "context_frames": k, "context_video_frames": start, "frames": world.frames,
         "method": describe_method(cfg, k), "sampler": dataclasses.asdict(cfg.sample),
         "clips_per_split": clips, "seed": seed,
@@ -300,11 +300,55 @@ def _grouped(run_dirs: list[str]) -> list[int]:
     return sorted(range(len(run_dirs)), key=lambda i: keys[i])
 
 
+def _latest_step(run_dir: str | Path) -> int | None:
+    steps = [int(p.name) for p in (Path(run_dir) / "checkpoints").glob("*") if p.name.isdigit()]
+    return max(steps, default=None)
+
+
+def _reusable(previous: dict, run_dir: str, settings: dict) -> dict | None:
+    """A result of an earlier call with the same --out for this run, if it was made at the
+    run's current checkpoint with the same settings (clips, seed, context, raw)."""
+    result = previous.get(str(run_dir))
+    if result is None or result.get("step") != _latest_step(run_dir):
+        return None
+    same = all(result.get(k) == v for k, v in settings.items())
+    return result if same else None
+
+
+def _save_continuations(path: Path, results: list) -> None:
+    """The first clip of every split, true and continued, of every run (uint8, compressed):
+    what the continuation strips of later calls draw for runs they reuse."""
+    arrays = {}
+    if path.exists():
+        with np.load(path) as old:
+            arrays.update({k: old[k] for k in old.files})
+    for result, traces in results:
+        for split, (truth, model) in (traces or {}).get("continuations", {}).items():
+            arrays[f"{result['run']}|{split}|true"] = truth
+            arrays[f"{result['run']}|{split}|model"] = model
+    tmp = path.with_name(path.name + ".part.npz")
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(path)
+
+
+def _load_continuations(path: Path, run: str) -> dict | None:
+    if not path.exists():
+        return None
+    with np.load(path) as saved:
+        splits = sorted({k.split("|")[1] for k in saved.files if k.startswith(run + "|")})
+        return {"continuations": {s: (saved[f"{run}|{s}|true"], saved[f"{run}|{s}|model"])
+                                  for s in splits}} if splits else None
+
+
 def run_eval_physics(run_dirs: list[str], *, clips: int = 8, out: str | None = None,
                      context_frames: int | None = None, seed: int = 0, raw: bool = False,
                      progress: bool = True) -> dict:
     """Evaluate one or more runs; writes physics.json and the plots under `out` (default
-    RUN_DIR/physics for one run; needed for several, which also get physics_vs_compute.*)."""
+    RUN_DIR/physics for one run; needed for several, which also get physics_vs_compute.*).
+
+    Incremental: a run already in OUT/physics.json, evaluated at its current checkpoint with
+    the same settings, is reused, not evaluated again, so a sweep's runs can be evaluated as
+    they finish; OUT/continuations.npz keeps each run's strips for later calls."""
     from vdit.eval.physics_plots import (
         pick_by_compute,
         plot_continuations,
@@ -318,21 +362,41 @@ def run_eval_physics(run_dirs: list[str], *, clips: int = 8, out: str | None = N
     out_dir = Path(out) if out else Path(run_dirs[0]) / "physics"
     if out:  # refused before minutes of evaluation; the default is checked with its run
         check_output_dir(out_dir, "--out")
+    previous = {}
+    if (out_dir / "physics.json").exists():
+        previous = {r["run"]: r for r in json.loads((out_dir / "physics.json").read_text())
+                    .get("runs", [])}
+    settings = {"clips_per_split": clips, "seed": seed, "weights": "raw" if raw else "ema"}
+    if context_frames is not None:
+        settings["context_frames"] = context_frames
+    reused = {i: _reusable(previous, run, settings) for i, run in enumerate(run_dirs)}
     results: list = [None] * len(run_dirs)
+    continuations = out_dir / "continuations.npz"
     for i in _grouped(run_dirs):  # each shape's runs together: its programs stay cached
+        if reused[i]:
+            results[i] = (reused[i], _load_continuations(continuations, reused[i]["run"]))
+            tqdm.write(f"{run_dirs[i]}: reused from {out_dir / 'physics.json'} (step "
+                       f"{reused[i]['step']})")
+            continue
         result, traces = evaluate_run(run_dirs[i], clips=clips, context_frames=context_frames,
                                       seed=seed, raw=raw, progress=progress)
         tqdm.write(format_table(result))
         results[i] = (result, traces)
     # Created once every run has been read: a RUN_DIR that is not a run gets no physics/.
     out_dir.mkdir(parents=True, exist_ok=True)
-    # Plots of one run: the only one, or the one trained with the most compute.
+    _save_continuations(continuations, results)
+    # Plots of one run: the only one, or the one trained with the most compute. Its
+    # trajectories need this call's tracks: a reused best run keeps the plot made when it was
+    # evaluated (the best run only changes when a better one is evaluated, so it is its plot).
     best, traces = max(results, key=lambda rt: rt[0]["flops"])
-    plots = [plot_errors_by_split(best, out_dir / "error_by_split.png"),
-             plot_trajectories(best, traces, out_dir / "trajectories.png")]
+    plots = [plot_errors_by_split(best, out_dir / "error_by_split.png")]
+    if traces and "in_distribution" in traces:
+        plots.append(plot_trajectories(best, traces, out_dir / "trajectories.png"))
     summary = {"runs": [r for r, _ in results], "plots_of": best["run"]}
-    # Small, medium and large compute (one run: just it).
-    plots.append(plot_continuations(pick_by_compute(results), out_dir / "continuations.png"))
+    # Small, medium and large compute (one run: just it); runs reused from a file written
+    # before continuations were kept have none to draw.
+    drawable = [rt for rt in results if rt[1] and rt[1].get("continuations")]
+    plots.append(plot_continuations(pick_by_compute(drawable), out_dir / "continuations.png"))
     if len(results) > 1:
         plots.append(plot_vs_compute(summary["runs"], out_dir / "physics_vs_compute.png"))
         table = format_compute_table(summary["runs"])

@@ -113,7 +113,10 @@ def plot_vs_compute(results: list[dict], path: Path) -> Path:
                    if len(line.get_xdata()) > 2):
             ax.text(0.5, 0.5, "no data: no such events\namong the tracked balls",
                     ha="center", va="center", transform=ax.transAxes, color="0.4")
-        ax.set(xscale="log", xlabel="training FLOPs", title=title)
+        # limits from the runs, not the data: a panel with no finite value has none to scale
+        ax.set(xscale="log", xlabel="training FLOPs", title=title,
+               xlim=(min(r["flops"] for r in results) / 1.5,
+                     max(r["flops"] for r in results) * 1.5))
         ax.grid(alpha=0.3, which="both")
     axes[0, 0].legend(fontsize=7, ncol=2)
     fig.suptitle("Physics error of continuations against training compute", fontsize=11)
