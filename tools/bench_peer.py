@@ -14,6 +14,7 @@ dependency of vdit or its tests):
 
     python tools/bench_peer.py experiments/bench_cpu.yaml --rounds 2 --steps 3
     python tools/bench_peer.py experiments/bench_cpu.yaml model.depth=4 --peer-python /path/python
+    vdit tokenize runs/shards/demo-latents experiments/default.yaml --physics 64  # demo latents
     python tools/bench_peer.py experiments/default.yaml data.source=shards \
         data.shards=runs/shards/demo-latents --rounds 3 --steps 10 --profile   # the demo's DiT
 
