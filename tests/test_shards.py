@@ -10,6 +10,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from vdit.config import ConfigError
 from vdit.data.packing import efficiency, segment_mask
 from vdit.data.shard_pipeline import SKIPPED, shard_dataset
 from vdit.data.shards import (
@@ -146,6 +147,10 @@ def test_corrupt_records_are_skipped_and_counted(tmp_path):
 
 def test_packing_keeps_clips_apart_and_fills_the_budget(tmp_path):
     write_dataset(tmp_path, n=48, per_shard=16)
+    with pytest.raises(ConfigError, match=r"bucket 1x4x8 gives latents of 1x4x8, which "
+                       r"model.patch \[3, 2, 2\] does not divide"):
+        shard_dataset(str(tmp_path), batch=4, caption_length=8, seed=0, mode="pack",
+                      patch=(3, 2, 2))
     ds = shard_dataset(str(tmp_path), batch=4, caption_length=8, seed=0, mode="pack",
                        patch=(1, 2, 2), budget=64, clips_per_row=8)
     batches = list(itertools.islice(iter(ds), 6))

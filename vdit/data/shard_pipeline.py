@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import grain
 import numpy as np
 
+from vdit.config import ConfigError
 from vdit.data.packing import clip_to_patches, pack
 from vdit.data.shards import ShardRecordError, decode_record, read_index, shard_paths
 
@@ -72,6 +73,25 @@ class ShardReader:
         return {**clip_to_patches(rec.latent, self.patch), "tokens": tokens, **text}
 
 
+def _check_patch_divides(directory: str, index: dict, source, patch) -> None:
+    """Packing cuts every clip into patches: refuse, before training, a bucket whose latent
+    the patch does not divide (a one-frame image latent under model.patch [2, ...]), naming
+    it; one readable record per bucket shows its latent shape."""
+    for bucket, indices in record_buckets(index).items():
+        for i in indices[:4]:
+            try:
+                shape = decode_record(source[int(i)]).latent.shape[:3]
+            except ShardRecordError:
+                continue  # a corrupt record: the next one of the bucket tells
+            if any(n % p for n, p in zip(shape, patch, strict=True)):
+                raise ConfigError(
+                    f"{directory}: bucket {bucket} gives latents of {shape[0]}x{shape[1]}x"
+                    f"{shape[2]}, which model.patch {list(patch)} does not divide; packing "
+                    "needs a patch that divides every bucket's latent (model.patch [1, ...] "
+                    "for one-frame images)")
+            break
+
+
 def record_buckets(index: dict) -> dict[str, np.ndarray]:
     """Bucket key -> global record indices (in shard order) of the clips in that bucket."""
     keys = [b for s in index["shards"] for b in s["buckets"]]
@@ -119,6 +139,7 @@ def shard_dataset(directory: str, *, batch: int, caption_length: int, seed: int,
         # Each batch comes from one bucket; buckets are drawn in proportion to their size.
         return grain.IterDataset.mix(streams, [len(v) for v in buckets.values()])
     if mode == "pack":
+        _check_patch_divides(directory, index, source, patch)
         reader = ShardReader(source, caption_length, patch, embeddings)
         clips = _stream(np.arange(index["num_records"]), reader, seed, process, processes,
                         read)
