@@ -117,12 +117,29 @@ def encoder_flops_per_clip(cfg: Config) -> float:
     return float(cost["flops"])
 
 
+def text_encoder_flops_per_caption(cfg: Config) -> float:
+    """Forward matmul FLOPs of the frozen T5 a `text.encoder: t5` step runs on each caption
+    (text.max_length tokens, padding included, as the step runs them): Q, K, V and O
+    projections, QK^T and AV, the FFN (two input projections when gated). 0 for the other
+    encoders: the jointly trained transformer is part of the DiT's count (forward_breakdown),
+    precomputed embeddings cost the step nothing."""
+    if cfg.text.encoder != "t5":
+        return 0.0
+    from vdit.io.hf_t5 import read_spec
+
+    spec = read_spec(cfg.text.checkpoint)
+    s, d, inner = cfg.text.max_length, spec.d_model, spec.num_heads * spec.d_kv
+    per_token = 2 * (4 * d * inner + 2 * s * inner + (3 if spec.gated else 2) * d * spec.d_ff)
+    return float(s * spec.num_layers * per_token)
+
+
 def step_flops(cfg: Config, encodes_pixels: bool) -> tuple[float, float]:
-    """(the DiT's train FLOPs, the frozen encoder's forward FLOPs) of one step over the global
-    batch; the encoder's are 0 unless the step encodes pixel batches (physics videos, not
-    stored latents)."""
+    """(the DiT's train FLOPs, the frozen encoders' forward FLOPs) of one step over the global
+    batch. Frozen: the autoencoder's encoder when the step encodes pixel batches (physics
+    videos, not stored latents) and a T5 run in the step (`text.encoder: t5`)."""
     encoder = cfg.train.batch_size * encoder_flops_per_clip(cfg) if encodes_pixels else 0.0
-    return train_flops_per_step(cfg), encoder
+    text = cfg.train.batch_size * text_encoder_flops_per_caption(cfg)
+    return train_flops_per_step(cfg), encoder + text
 
 
 def tokens_per_step(cfg: Config) -> int:

@@ -101,7 +101,7 @@ def bench(cfg: Config, *, steps: int = 10, warmup: int = 2, runs: int = 1) -> di
 def format_report(r: dict) -> str:
     xla_note = ("XLA counts a scanned stack once" if r["scan_layers"]
                 else f"{100 * r['flops_ratio_xla']:.1f} % of XLA's count")
-    encoder_note = (f": DiT {r['dit_flops_per_step'] / 1e9:.1f} analytic + frozen encoder "
+    encoder_note = (f": DiT {r['dit_flops_per_step'] / 1e9:.1f} analytic + frozen encoders "
                     f"{r['encoder_flops_per_step'] / 1e9:.1f}" if r["encoder_flops_per_step"]
                     else " analytic")
     runs = r.get("mfu_runs", [])

@@ -112,7 +112,7 @@ def train(cfg: Config, *, system: System | None = None, log=print) -> dict:
         eval_fn = trainer.eval_fn.lower(state.params, eval_batch, state.stats, eval_key).compile()
         align_processes("compiled")  # every process compiled: the collectives can start
         # Analytic count for the DiT: XLA's cost analysis counts a scanned layer stack only once.
-        # Pixel batches also run the frozen encoder in the step (forward only).
+        # Pixel batches also run the frozen encoder in the step, an in-step T5 its forward.
         encoder_flops = 0.0
         if system.kind == "dit":
             dit_flops, encoder_flops = step_flops(cfg, encodes_pixels="video" in host)
@@ -144,7 +144,7 @@ def train(cfg: Config, *, system: System | None = None, log=print) -> dict:
         per_step = ("GFLOP/step counted from each packed batch's real tokens" if packed
                     else f"{flops / 1e9:.1f} GFLOP/step")
         if encoder_flops:
-            per_step += f" (frozen encoder {encoder_flops / 1e9:.1f})"
+            per_step += f" (frozen encoders {encoder_flops / 1e9:.1f})"
         log(f"train step: compiled in {compile_s:.1f} s, {per_step}; peak "
             f"{peak / 1e9:.0f} GFLOP/s on {jax.device_count()} device(s) ({peak_src})")
 
