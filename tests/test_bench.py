@@ -64,7 +64,7 @@ def test_report_splits_the_encoders_flops_and_gives_the_fastest_steps_mfu():
          "flops_per_s": 70.5e9, "peak_flops_per_s": 200e9, "peak_source": "measured",
          "mfu": 0.3525, "peak_memory_bytes": 2**28, "memory_source": "XLA estimate"}
     report = format_report(r)
-    assert "14.1 GFLOP: DiT 10.0 analytic + frozen encoder 4.1 (97.7 % of XLA's count)" in report
+    assert "14.1 GFLOP: DiT 10.0 analytic + frozen encoders 4.1 (97.7 % of XLA's count)" in report
     assert "MFU           35.2 % (fastest step 44.1 %)" in report
     r.update(flops_per_step=10.0e9, encoder_flops_per_step=0.0)
     assert "10.0 GFLOP analytic (" in format_report(r)
