@@ -300,12 +300,12 @@ def test_extra_point_runs_into_its_own_ledger_and_predict_compares_it(tmp_path, 
     """`sweep run --extra SIZE@FLOPS` trains one point of the family off the grid into
     OUT/extrapolation.jsonl (the ledger, which fits read, stays untouched); `sweep predict`
     then sets it against the law."""
-    from vdit.scaling.extrapolate import _cmd_predict  # noqa: F401 (the command's module)
+    from vdit.scaling.extrapolate import register as register_predict
 
     path = _grid(tmp_path)
     per_step = train_flops_per_step(from_dict(tiny_dict()))
     parser = argparse.ArgumentParser(prog="vdit")
-    register(parser.add_subparsers(dest="command", required=True))
+    register_predict(register(parser.add_subparsers(dest="command", required=True)))
     args = parser.parse_args(["sweep", "run", path, "--extra", f"1@{4 * per_step}"])
     assert args.func(args) == 0
     out = tmp_path / "sweep"

@@ -323,9 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--processes", type=POSITIVE, default=1, help="processes sharing the work")
     p.set_defaults(func=_cmd_tokenize)
 
+    from vdit.scaling.extrapolate import register as register_predict
     from vdit.scaling.sweep import register as register_sweep
 
-    register_sweep(sub)
+    register_predict(register_sweep(sub))
     from vdit.train.plan_report import register as register_plan
 
     register_plan(sub)

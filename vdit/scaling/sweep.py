@@ -459,9 +459,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: Any) -> None:
+def register(subparsers: Any) -> Any:
     """Add `sweep run GRID.yaml [--print-launch]` and `sweep fit LEDGER [--out DIR]` to an
-    argparse subparsers object; the handlers are set as `func` and return an exit code."""
+    argparse subparsers object; the handlers are set as `func` and return an exit code.
+    Returns the `sweep` command's own subparsers."""
     p = subparsers.add_parser("sweep", help="scaling-law sweeps: run a grid, fit L(N, D)")
     sub = p.add_subparsers(dest="sweep_command", required=True)
     r = sub.add_parser("run", help="train every (size, budget) point of a grid file; "
@@ -488,8 +489,7 @@ def register(subparsers: Any) -> None:
                        "an estimate for the rest (reads files only; no JAX)")
     s.add_argument("grid", help="grid YAML, e.g. experiments/scaling/physics.yaml")
     s.set_defaults(func=_cmd_status)
-    from vdit.scaling.extrapolate import register as register_predict
     from vdit.scaling.physics_fit import register as register_physics_fit
 
     register_physics_fit(sub)
-    register_predict(sub)
+    return sub  # `sweep predict` (vdit/scaling/extrapolate.py, which reads grids) adds itself
