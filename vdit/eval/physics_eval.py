@@ -169,8 +169,7 @@ def evaluate_run(run_dir: str | Path, *, clips: int = 8, context_frames: int | N
         raise ConfigError(f"--clips: must be >= 1, got {clips}")
     # An explicit step: reading a run must never move a checkpoint aside (Checkpointer.restore
     # does that to an unreadable newest one when asked for "the latest").
-    steps = [int(p.name) for p in (run_dir / "checkpoints").glob("*") if p.name.isdigit()]
-    cfg, system, params, stats, step = load_for_sampling(run_dir, max(steps, default=None),
+    cfg, system, params, stats, step = load_for_sampling(run_dir, _latest_step(run_dir),
                                                          raw=raw)
     system = shared_system(system)
     k = default_context_frames(cfg) if context_frames is None else context_frames
@@ -301,8 +300,10 @@ def _grouped(run_dirs: list[str]) -> list[int]:
 
 
 def _latest_step(run_dir: str | Path) -> int | None:
-    steps = [int(p.name) for p in (Path(run_dir) / "checkpoints").glob("*") if p.name.isdigit()]
-    return max(steps, default=None)
+    """The run's newest committed checkpoint step (None: not a run with checkpoints)."""
+    from vdit.scaling.ledger import checkpoint_steps
+
+    return max(checkpoint_steps(Path(run_dir)), default=None)
 
 
 def _reusable(previous: dict, run_dir: str, settings: dict) -> dict | None:
@@ -396,7 +397,9 @@ def run_eval_physics(run_dirs: list[str], *, clips: int = 8, out: str | None = N
     # Small, medium and large compute (one run: just it); runs reused from a file written
     # before continuations were kept have none to draw.
     drawable = [rt for rt in results if rt[1] and rt[1].get("continuations")]
-    plots.append(plot_continuations(pick_by_compute(drawable), out_dir / "continuations.png"))
+    if drawable:
+        plots.append(plot_continuations(pick_by_compute(drawable),
+                                        out_dir / "continuations.png"))
     if len(results) > 1:
         plots.append(plot_vs_compute(summary["runs"], out_dir / "physics_vs_compute.png"))
         table = format_compute_table(summary["runs"])
