@@ -421,6 +421,19 @@ def test_physics_fit_recovers_a_known_exponent_and_reports_no_trend_in_noise():
     y_sat = 0.5 + 3.0 * (c / 1e13) ** -0.5 + rng.normal(0, 0.02, len(c))
     sat = fit_metric(c, y_sat, n_boot=200)["saturating"]
     assert sat["e_ci"][0] <= 0.5 <= sat["e_ci"][1] and sat["b_ci"][0] <= 0.5 <= sat["b_ci"][1]
+    assert sat["levels_off"] == "yes"
+
+    # A straight line in log C has no floor: unbounded, its level ran to -1e3; held to an
+    # error's range it sits at 0 and says so. Flat noise: b is not resolved.
+    line = 2.0 - 0.3 * np.log10(c / 1e12) + rng.normal(0, 0.02, len(c))
+    sat = fit_metric(c, line, n_boot=200)["saturating"]
+    assert sat["e"] >= 0 and sat["levels_off"] == "at the bound 0"
+    flat = 1.5 + rng.normal(0, 0.2, len(c))
+    assert fit_metric(c, flat, n_boot=200)["saturating"]["levels_off"] == "not resolved"
+    # A rate rising to 0.95 is held to [0, 1] and its level found.
+    rate = 0.95 - 0.4 * (c / 1e12) ** -0.6 + rng.normal(0, 0.01, len(c))
+    sat = fit_metric(c, rate, n_boot=200, bounds=(0.0, 1.0))["saturating"]
+    assert sat["e_ci"][0] <= 0.95 <= sat["e_ci"][1] <= 1.0 and sat["levels_off"] == "yes"
 
     # Pure noise: the slope's interval holds 0, and the fit says so.
     noise = np.exp(np.random.default_rng(3).normal(0, 0.5, len(c)))

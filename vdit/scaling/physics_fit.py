@@ -8,9 +8,13 @@ with C its training FLOPs and y the model's split-level value. Two curves are fi
 - a power law, log10 y = k log10 C + c (least squares in log-log; only y > 0 can be used), whose
   slope k says whether the metric moves with compute at all: "falls" / "rises" when its 95 %
   interval excludes 0, else "no trend";
-- a saturating curve, y = e + a (C / C_ref)^(-b) with b in [0, 4] (C_ref: the geometric mean of
-  the points' C), fitted by profiling b over a grid with e, a by linear least squares; e is the
-  value it levels off at (a < 0 for a rising metric such as the found rate).
+- a saturating curve, y = e + a (C / C_ref)^(-b) with b in (0, 4] (C_ref: the geometric mean of
+  the points' C), fitted by profiling b over a grid with e, a by least squares, e held to the
+  metric's range (a rate in [0, 1], an error >= 0: unbounded, a nearly straight run of points
+  sends e to -1e3). e is the level it tends to (a < 0 for a rising metric such as the found
+  rate). The curve "levels off" at e only when b's interval stays off the grid's ends (b at its
+  smallest: the points still move like a straight line in log C; at 4: they are flat) and e's
+  interval off the range's ends (e at 0 for an error: no floor, a power law to 0 fits as well).
 
 Intervals: 95 % bootstrap percentiles (`--bootstrap` refits): the power law resamples its
 log-residuals (scaled by sqrt(n / (n - 2)); with 16 runs, resampling runs held the true slope
@@ -35,7 +39,9 @@ METRICS = (("found", "ball found (rate)"), ("velocity_error", "velocity error (h
            ("permanence_failure", "permanence failure (rate)"),
            ("reemergence_error", "re-emergence error (h)"))
 SPLITS = ("in_distribution", "ood_speed", "ood_radius", "ood_combo")
-_B_GRID = np.linspace(0.0, 4.0, 161)
+_B_GRID = np.linspace(0.025, 4.0, 160)  # b = 0 makes e and a one constant
+# the range a metric can level off in: rates in [0, 1], errors >= 0
+_LEVEL_BOUNDS = {"found": (0.0, 1.0), "permanence_failure": (0.0, 1.0)}
 
 
 def metric_points(summary: dict, metric: str, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -60,19 +66,22 @@ def power_law(c: np.ndarray, y: np.ndarray) -> tuple[float, float] | None:
     return float(k), float(b)
 
 
-def saturating(c: np.ndarray, y: np.ndarray, c_ref: float) -> tuple[float, float, float] | None:
-    """(e, a, b) of y = e + a (C / c_ref)^(-b) by least squares; None without 3 distinct C."""
+def saturating(c: np.ndarray, y: np.ndarray, c_ref: float,
+               bounds: tuple[float, float] = (0.0, np.inf)) -> tuple[float, float, float] | None:
+    """(e, a, b) of y = e + a (C / c_ref)^(-b) by least squares with e in `bounds`, over the b
+    grid at once; None without 3 distinct C."""
     if len(np.unique(c)) < 3:
         return None
-    u = np.log(c / c_ref)
-    best = None
-    for b in _B_GRID:
-        design = np.stack([np.ones_like(u), np.exp(-b * u)], axis=1)
-        coef, *_ = np.linalg.lstsq(design, y, rcond=None)
-        sse = float(np.sum((design @ coef - y) ** 2))
-        if best is None or sse < best[0] - 1e-15:
-            best = (sse, float(coef[0]), float(coef[1]), float(b))
-    return None if best is None else best[1:]
+    v = np.exp(-_B_GRID[:, None] * np.log(c / c_ref)[None, :])  # [n_b, n]
+    vc = v - v.mean(axis=1, keepdims=True)
+    a = (vc @ (y - y.mean())) / np.maximum(np.sum(vc * vc, axis=1), 1e-300)
+    e = y.mean() - a * v.mean(axis=1)
+    clipped = np.clip(e, *bounds)  # at a bound: e fixed there, a refitted alone
+    refit = np.sum(v * (y[None, :] - clipped[:, None]), axis=1) / np.sum(v * v, axis=1)
+    a = np.where(clipped != e, refit, a)
+    sse = np.sum((clipped[:, None] + a[:, None] * v - y[None, :]) ** 2, axis=1)
+    i = int(np.argmin(sse))
+    return float(clipped[i]), float(a[i]), float(_B_GRID[i])
 
 
 def _interval(values: list[float]) -> list[float]:
@@ -80,15 +89,17 @@ def _interval(values: list[float]) -> list[float]:
     return [float(x) for x in np.percentile(v, [2.5, 97.5])] if len(v) else [np.nan, np.nan]
 
 
-def fit_metric(c: np.ndarray, y: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Both curves with 95 % bootstrap intervals, and the curve bands on a grid of C."""
+def fit_metric(c: np.ndarray, y: np.ndarray, n_boot: int = 1000, seed: int = 0,
+               bounds: tuple[float, float] = (0.0, np.inf)) -> dict:
+    """Both curves with 95 % bootstrap intervals, and the curve bands on a grid of C; `bounds`:
+    the range the saturating curve's level e is held to."""
     out: dict[str, Any] = {"n_runs": len(c), "n_positive": int(np.sum(y > 0))}
     if len(c) < 2:
         return out
     c_ref = float(np.exp(np.mean(np.log(c))))
     grid = np.geomspace(c.min(), c.max(), 32)
     rng = np.random.default_rng(seed)
-    pl, sat = power_law(c, y), saturating(c, y, c_ref)
+    pl, sat = power_law(c, y), saturating(c, y, c_ref, bounds)
     boots_pl, boots_sat, curves = [], [], []
     pos = y > 0
     if pl is not None:  # residuals in log10, scaled up for the 2 fitted constants
@@ -102,7 +113,7 @@ def fit_metric(c: np.ndarray, y: np.ndarray, n_boot: int = 1000, seed: int = 0) 
             p = power_law(10 ** x, 10 ** z)
             boots_pl.append(p)
             curves.append(10 ** (p[1] + p[0] * np.log10(grid)))
-        if sat is not None and (s := saturating(c[idx], y[idx], c_ref)) is not None:
+        if sat is not None and (s := saturating(c[idx], y[idx], c_ref, bounds)) is not None:
             boots_sat.append(s)
     out["grid_flops"] = grid.tolist()
     if pl is not None:
@@ -118,6 +129,12 @@ def fit_metric(c: np.ndarray, y: np.ndarray, n_boot: int = 1000, seed: int = 0) 
             k: v for i, name in enumerate(("e", "a", "b"))
             for k, v in ((name, sat[i]), (f"{name}_ci", _interval([s[i] for s in boots_sat])))},
             "curve": (sat[0] + sat[1] * (grid / c_ref) ** -sat[2]).tolist()}
+        b_lo, b_hi = out["saturating"]["b_ci"]
+        e_lo, e_hi = out["saturating"]["e_ci"]
+        out["saturating"]["levels_off"] = (
+            "not resolved" if not (b_lo > _B_GRID[0] and b_hi < _B_GRID[-1])
+            else f"at the bound {bounds[0]:g}" if e_lo <= bounds[0]
+            else f"at the bound {bounds[1]:g}" if e_hi >= bounds[1] else "yes")
     return out
 
 
@@ -128,22 +145,25 @@ def fit_physics(summary: dict, n_boot: int = 1000, seed: int = 0) -> dict:
         for split in SPLITS:
             c, y = metric_points(summary, metric, split)
             if len(c):
-                result["fits"].setdefault(metric, {})[split] = fit_metric(c, y, n_boot, seed)
+                result["fits"].setdefault(metric, {})[split] = fit_metric(
+                    c, y, n_boot, seed, _LEVEL_BOUNDS.get(metric, (0.0, np.inf)))
     return result
 
 
 def format_physics_fit(result: dict) -> str:
-    """Markdown: per metric and split, the power-law slope and trend, the saturating level."""
+    """Markdown: per metric and split, the power-law slope and trend, and the level the
+    saturating curve levels off at (else "not resolved" or "at the bound ...")."""
     def ci(v: list[float]) -> str:
         return f"[{v[0]:.3g}, {v[1]:.3g}]"
 
-    lines = ["| metric | split | runs | power-law slope [95 %] | trend | saturates at e [95 %] "
+    lines = ["| metric | split | runs | power-law slope [95 %] | trend | levels off at e [95 %] "
              "| b [95 %] |", "|---|---|---:|---|---|---|---|"]
     for metric, splits in result["fits"].items():
         for split, f in splits.items():
             pl, sat = f.get("power_law"), f.get("saturating")
             slope = f"{pl['slope']:.3f} {ci(pl['slope_ci'])}" if pl else "-"
-            level = f"{sat['e']:.3g} {ci(sat['e_ci'])}" if sat else "-"
+            level = ("-" if not sat else f"{sat['e']:.3g} {ci(sat['e_ci'])}"
+                     if sat["levels_off"] == "yes" else sat["levels_off"])
             b = f"{sat['b']:.2f} {ci(sat['b_ci'])}" if sat else "-"
             lines.append(f"| {metric} | {split} | {f['n_runs']} | {slope} | "
                          f"{pl['trend'] if pl else '-'} | {level} | {b} |")
