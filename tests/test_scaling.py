@@ -442,6 +442,8 @@ def test_physics_fit_recovers_a_known_exponent_and_reports_no_trend_in_noise():
 
 
 def test_sweep_fit_physics_command_writes_json_and_plot(tmp_path, capsys):
+    from vdit.scaling.physics_fit import run_fit_physics
+
     src = tmp_path / "physics"
     src.mkdir()
     c = np.geomspace(1e12, 1e14, 8)
@@ -449,9 +451,17 @@ def test_sweep_fit_physics_command_writes_json_and_plot(tmp_path, capsys):
     (src / "physics.json").write_text(json.dumps(summary, allow_nan=True))
     parser = argparse.ArgumentParser(prog="vdit")
     register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["sweep", "fit-physics", str(src), "--bootstrap", "50"])
+    args = parser.parse_args(["sweep", "fit-physics", str(src), "--bootstrap", "50",
+                              "--at", "1e16"])
     assert args.func(args) == 0
-    assert "| velocity_error | in_distribution | 8 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| velocity_error | in_distribution | 8 |" in out and "at 1e+16 FLOPs" in out
     saved = json.loads((src / "physics_fit.json").read_text())
-    assert saved["fits"]["velocity_error"]["ood_speed"]["power_law"]["trend"] == "falls"
+    pl = saved["fits"]["velocity_error"]["ood_speed"]["power_law"]
+    assert pl["trend"] == "falls"
+    # y = 2 / ln C: the power law through 1e12-1e14 extrapolated to 1e16 lands near 2 / ln 1e16
+    assert pl["at"]["value"] == pytest.approx(2 / np.log(1e16), rel=0.03)
+    assert pl["at"]["ci"][0] <= pl["at"]["value"] <= pl["at"]["ci"][1]
+    with pytest.raises(ConfigError, match="--at"):
+        run_fit_physics(src, at=-1.0)
     assert (src / "physics_fit.png").stat().st_size > 10_000

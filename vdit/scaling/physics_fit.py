@@ -21,8 +21,10 @@ log-residuals (scaled by sqrt(n / (n - 2)); with 16 runs, resampling runs held t
 of a synthetic law for 16 of 20 noise seeds, this for 17 of 20, and pure noise read as "no
 trend" 17 of 20 times: percentile intervals from 16 points run narrow, so a slope whose interval
 barely excludes 0 is weak evidence), the saturating curve resamples the runs with
-replacement. The plot draws, per metric, one line per split (the power law) with its interval
-band and the points with their 95 % intervals over clips (eval-physics' `KEY_ci`).
+replacement. `--at C` extrapolates each power law to C (say 3x the largest budget) with its
+bootstrap interval, to set against a run made there. The plot draws, per metric, one line per
+split (the power law) with its interval band and the points with their 95 % intervals over
+clips (eval-physics' `KEY_ci`).
 """
 
 from __future__ import annotations
@@ -90,9 +92,10 @@ def _interval(values: list[float]) -> list[float]:
 
 
 def fit_metric(c: np.ndarray, y: np.ndarray, n_boot: int = 1000, seed: int = 0,
-               bounds: tuple[float, float] = (0.0, np.inf)) -> dict:
+               bounds: tuple[float, float] = (0.0, np.inf), at: float | None = None) -> dict:
     """Both curves with 95 % bootstrap intervals, and the curve bands on a grid of C; `bounds`:
-    the range the saturating curve's level e is held to."""
+    the range the saturating curve's level e is held to; `at`: FLOPs to extrapolate the power
+    law to (its value there and the bootstrap interval)."""
     out: dict[str, Any] = {"n_runs": len(c), "n_positive": int(np.sum(y > 0))}
     if len(c) < 2:
         return out
@@ -124,6 +127,10 @@ def fit_metric(c: np.ndarray, y: np.ndarray, n_boot: int = 1000, seed: int = 0,
             "intercept_ci": _interval([b[1] for b in boots_pl]), "trend": trend,
             "curve": (10 ** (pl[1] + pl[0] * np.log10(grid))).tolist(),
             "band": (np.percentile(curves, [2.5, 97.5], axis=0).tolist() if curves else None)}
+        if at is not None:
+            out["power_law"]["at"] = {
+                "flops": at, "value": float(10 ** (pl[1] + pl[0] * np.log10(at))),
+                "ci": _interval([10 ** (b[1] + b[0] * np.log10(at)) for b in boots_pl])}
     if sat is not None:
         out["saturating"] = {"c_ref": c_ref, **{
             k: v for i, name in enumerate(("e", "a", "b"))
@@ -138,15 +145,17 @@ def fit_metric(c: np.ndarray, y: np.ndarray, n_boot: int = 1000, seed: int = 0,
     return out
 
 
-def fit_physics(summary: dict, n_boot: int = 1000, seed: int = 0) -> dict:
+def fit_physics(summary: dict, n_boot: int = 1000, seed: int = 0,
+                at: float | None = None) -> dict:
     """{metric: {split: fit_metric(...)}} for every metric and split with data."""
-    result: dict[str, Any] = {"n_runs": len(summary["runs"]), "bootstrap": n_boot, "fits": {}}
+    result: dict[str, Any] = {"n_runs": len(summary["runs"]), "bootstrap": n_boot, "at": at,
+                              "fits": {}}
     for metric, _ in METRICS:
         for split in SPLITS:
             c, y = metric_points(summary, metric, split)
             if len(c):
                 result["fits"].setdefault(metric, {})[split] = fit_metric(
-                    c, y, n_boot, seed, _LEVEL_BOUNDS.get(metric, (0.0, np.inf)))
+                    c, y, n_boot, seed, _LEVEL_BOUNDS.get(metric, (0.0, np.inf)), at)
     return result
 
 
@@ -156,8 +165,10 @@ def format_physics_fit(result: dict) -> str:
     def ci(v: list[float]) -> str:
         return f"[{v[0]:.3g}, {v[1]:.3g}]"
 
+    at = result.get("at")
     lines = ["| metric | split | runs | power-law slope [95 %] | trend | levels off at e [95 %] "
-             "| b [95 %] |", "|---|---|---:|---|---|---|---|"]
+             "| b [95 %] |" + (f" power law at {at:.3g} FLOPs [95 %] |" if at else ""),
+             "|---|---|---:|---|---|---|---|" + ("---|" if at else "")]
     for metric, splits in result["fits"].items():
         for split, f in splits.items():
             pl, sat = f.get("power_law"), f.get("saturating")
@@ -165,8 +176,10 @@ def format_physics_fit(result: dict) -> str:
             level = ("-" if not sat else f"{sat['e']:.3g} {ci(sat['e_ci'])}"
                      if sat["levels_off"] == "yes" else sat["levels_off"])
             b = f"{sat['b']:.2f} {ci(sat['b_ci'])}" if sat else "-"
+            pred = (f" {pl['at']['value']:.3g} {ci(pl['at']['ci'])} |" if pl and "at" in pl
+                    else " - |" if at else "")
             lines.append(f"| {metric} | {split} | {f['n_runs']} | {slope} | "
-                         f"{pl['trend'] if pl else '-'} | {level} | {b} |")
+                         f"{pl['trend'] if pl else '-'} | {level} | {b} |{pred}")
     return "\n".join(lines)
 
 
@@ -213,7 +226,7 @@ def plot_physics_fit(result: dict, summary: dict, path: Path) -> Path:
 
 
 def run_fit_physics(physics: str | Path, out: str | Path | None = None, n_boot: int = 1000,
-                    seed: int = 0) -> dict:
+                    seed: int = 0, at: float | None = None) -> dict:
     """Read physics.json (or the folder holding it), write physics_fit.json and .png to `out`
     (default: the same folder); returns the fit."""
     from vdit.config import ConfigError
@@ -226,12 +239,14 @@ def run_fit_physics(physics: str | Path, out: str | Path | None = None, n_boot: 
                                 "... --out DIR`)")
     if n_boot < 1:
         raise ConfigError(f"--bootstrap: must be >= 1, got {n_boot}")
+    if at is not None and not (np.isfinite(at) and at > 0):
+        raise ConfigError(f"--at: training FLOPs must be a positive number, got {at}")
     summary = json.loads(src.read_text())
     if not isinstance(summary, dict) or not isinstance(summary.get("runs"), list):
         raise ConfigError(f"{src}: not an eval-physics summary (no 'runs' list)")
     out_dir = check_output_dir(Path(out) if out else src.parent, "--out")
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = fit_physics(summary, n_boot=n_boot, seed=seed)
+    result = fit_physics(summary, n_boot=n_boot, seed=seed, at=at)
     result["source"] = str(src)
     (out_dir / "physics_fit.json").write_text(json.dumps(result, indent=1, allow_nan=True))
     plot_physics_fit(result, summary, out_dir / "physics_fit.png")
@@ -239,7 +254,8 @@ def run_fit_physics(physics: str | Path, out: str | Path | None = None, n_boot: 
 
 
 def _cmd_fit_physics(args: argparse.Namespace) -> int:
-    result = run_fit_physics(args.physics, args.out, n_boot=args.bootstrap, seed=args.seed)
+    result = run_fit_physics(args.physics, args.out, n_boot=args.bootstrap, seed=args.seed,
+                             at=args.at)
     print(format_physics_fit(result))
     out = Path(args.out) if args.out else Path(result["source"]).parent
     print(f"wrote {out / 'physics_fit.json'} and {out / 'physics_fit.png'}")
@@ -247,11 +263,13 @@ def _cmd_fit_physics(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    """Add `sweep fit-physics PHYSICS [--out DIR] [--bootstrap N] [--seed S]`."""
+    """Add `sweep fit-physics PHYSICS [--out DIR] [--bootstrap N] [--seed S] [--at FLOPS]`."""
     p = sub.add_parser("fit-physics", help="fit each eval-physics metric against training "
                        "compute (power law and saturating curve, bootstrap intervals), per split")
     p.add_argument("physics", help="physics.json of `vdit eval-physics RUN ... --out DIR`, or DIR")
     p.add_argument("--out", default=None, help="output folder (default: the input's)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap refits over runs")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--at", type=float, default=None, metavar="FLOPS",
+                   help="also extrapolate each power law to these training FLOPs, e.g. 3e14")
     p.set_defaults(func=_cmd_fit_physics)
