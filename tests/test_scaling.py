@@ -465,3 +465,29 @@ def test_sweep_fit_physics_command_writes_json_and_plot(tmp_path, capsys):
     with pytest.raises(ConfigError, match="--at"):
         run_fit_physics(src, at=-1.0)
     assert (src / "physics_fit.png").stat().st_size > 10_000
+
+
+def test_fit_physics_frontier_takes_each_budgets_loss_optimal_run(tmp_path, capsys):
+    """--ledger: per budget, the run with the lowest eval loss (EMA), its value per split."""
+    from vdit.scaling.physics_fit import run_fit_physics
+
+    src = tmp_path / "physics"
+    src.mkdir()
+    budgets = np.repeat([1e12, 1e13, 1e14], 2)
+    summary = _physics_summary(zip(budgets, np.arange(6.0) + 1, strict=True))
+    for run in summary["runs"]:
+        run["run"] = f"runs/sweep/{run['run']}"
+    (src / "physics.json").write_text(json.dumps(summary, allow_nan=True))
+    # run i: loss falls with budget; within a budget the second run (i odd) is the better one,
+    # but for 1e13 only the raw loss says so: the EMA loss, which comes first, says the first.
+    ledger = [{"run_dir": f"elsewhere/r{i}", "budget_flops": float(b), "eval_loss": 2.0 - i / 10,
+               "eval_loss_ema": 2.0 - i / 10 + (0.5 if i == 3 else 0.0)}
+              for i, b in enumerate(budgets)]
+    (src / "ledger.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ledger))
+    result = run_fit_physics(src, n_boot=20, ledger=src / "ledger.jsonl")
+    assert [f["run"] for f in result["frontier"]] == ["r1", "r2", "r5"]
+    table = (src / "frontier.md").read_text()
+    assert "| 1e+13 | r2 | 1.800 | 3.00 [2.70, 3.30] | 6.00" in table  # ood_speed is 2x
+    (src / "ledger.jsonl").write_text(json.dumps({**ledger[0], "run_dir": "x/other"}) + "\n")
+    with pytest.raises(ConfigError, match="none of its runs"):
+        run_fit_physics(src, n_boot=20, ledger=src / "ledger.jsonl")

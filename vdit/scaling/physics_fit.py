@@ -183,6 +183,45 @@ def format_physics_fit(result: dict) -> str:
     return "\n".join(lines)
 
 
+def frontier(summary: dict, ledger_rows: list[dict]) -> list[dict]:
+    """Per budget, the run with the lowest eval loss (EMA where logged), ascending in budget:
+    the compute-optimal path through the grid. At one budget the larger models are the less
+    trained, so a fit over every run also sees size; this path reads "with scale" alone.
+    [{"budget", "run", "loss", "rows"}], rows: the run's model rows by split."""
+    by_name = {Path(r["run_dir"]).name: r for r in ledger_rows if "run_dir" in r}
+    best: dict[float, dict] = {}
+    for run in summary["runs"]:
+        row = by_name.get(Path(run["run"]).name)
+        loss = row.get("eval_loss_ema", row.get("eval_loss")) if row else None
+        if loss is None or not np.isfinite(loss):
+            continue
+        budget = float(row["budget_flops"])
+        if budget not in best or loss < best[budget]["loss"]:
+            best[budget] = {"budget": budget, "run": Path(run["run"]).name, "loss": float(loss),
+                            "rows": {r["split"]: r for r in run["rows"]
+                                     if r["source"] == "model"}}
+    return [best[b] for b in sorted(best)]
+
+
+def format_frontier(front: list[dict]) -> str:
+    """Markdown: one table per metric, a row per budget (its loss-optimal run), a column per
+    split, each value with its 95 % interval over clips."""
+    out = []
+    for metric, title in METRICS:
+        lines = [f"**{title}**", "", "| budget | run | eval loss | " + " | ".join(SPLITS) + " |",
+                 "|---|---|---:|" + "---:|" * len(SPLITS)]
+        for f in front:
+            cells = []
+            for split in SPLITS:
+                r = f["rows"].get(split, {})
+                v, ci = r.get(metric, np.nan), r.get(f"{metric}_ci", [np.nan, np.nan])
+                cells.append(f"{v:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]" if np.isfinite(v) else "-")
+            lines.append(f"| {f['budget']:.3g} | {f['run']} | {f['loss']:.3f} | "
+                         + " | ".join(cells) + " |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
+
+
 def plot_physics_fit(result: dict, summary: dict, path: Path) -> Path:
     """One panel per metric: per split its runs (with clip intervals), the power law and its
     bootstrap band; log-log axes."""
@@ -226,9 +265,11 @@ def plot_physics_fit(result: dict, summary: dict, path: Path) -> Path:
 
 
 def run_fit_physics(physics: str | Path, out: str | Path | None = None, n_boot: int = 1000,
-                    seed: int = 0, at: float | None = None) -> dict:
+                    seed: int = 0, at: float | None = None,
+                    ledger: str | Path | None = None) -> dict:
     """Read physics.json (or the folder holding it), write physics_fit.json and .png to `out`
-    (default: the same folder); returns the fit."""
+    (default: the same folder), and with the sweep's `ledger` also frontier.md (`frontier`);
+    returns the fit, with "frontier" when a ledger was given."""
     from vdit.config import ConfigError
     from vdit.io.run_dir import check_output_dir
 
@@ -248,6 +289,17 @@ def run_fit_physics(physics: str | Path, out: str | Path | None = None, n_boot: 
     out_dir.mkdir(parents=True, exist_ok=True)
     result = fit_physics(summary, n_boot=n_boot, seed=seed, at=at)
     result["source"] = str(src)
+    if ledger is not None:
+        from vdit.scaling.ledger import read_ledger
+
+        if not Path(ledger).is_file():
+            raise FileNotFoundError(f"--ledger: no ledger at {ledger}")
+        front = frontier(summary, read_ledger(ledger))
+        if not front:
+            raise ConfigError(f"--ledger {ledger}: none of its runs is in {src} (matched by run "
+                              "folder name)")
+        result["frontier"] = [{k: v for k, v in f.items() if k != "rows"} for f in front]
+        (out_dir / "frontier.md").write_text(format_frontier(front) + "\n")
     (out_dir / "physics_fit.json").write_text(json.dumps(result, indent=1, allow_nan=True))
     plot_physics_fit(result, summary, out_dir / "physics_fit.png")
     return result
@@ -255,15 +307,19 @@ def run_fit_physics(physics: str | Path, out: str | Path | None = None, n_boot: 
 
 def _cmd_fit_physics(args: argparse.Namespace) -> int:
     result = run_fit_physics(args.physics, args.out, n_boot=args.bootstrap, seed=args.seed,
-                             at=args.at)
+                             at=args.at, ledger=args.ledger)
     print(format_physics_fit(result))
     out = Path(args.out) if args.out else Path(result["source"]).parent
+    if "frontier" in result:
+        print("\nthe loss-optimal run of each budget:\n")
+        print((out / "frontier.md").read_text())
     print(f"wrote {out / 'physics_fit.json'} and {out / 'physics_fit.png'}")
     return 0
 
 
 def register(sub: Any) -> None:
-    """Add `sweep fit-physics PHYSICS [--out DIR] [--bootstrap N] [--seed S] [--at FLOPS]`."""
+    """Add `sweep fit-physics PHYSICS [--out DIR] [--bootstrap N] [--seed S] [--at FLOPS]
+    [--ledger LEDGER]`."""
     p = sub.add_parser("fit-physics", help="fit each eval-physics metric against training "
                        "compute (power law and saturating curve, bootstrap intervals), per split")
     p.add_argument("physics", help="physics.json of `vdit eval-physics RUN ... --out DIR`, or DIR")
@@ -272,4 +328,6 @@ def register(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--at", type=float, default=None, metavar="FLOPS",
                    help="also extrapolate each power law to these training FLOPs, e.g. 3e14")
+    p.add_argument("--ledger", default=None, help="the sweep's ledger.jsonl: also a table of "
+                   "each budget's loss-optimal run (frontier.md)")
     p.set_defaults(func=_cmd_fit_physics)
