@@ -488,6 +488,13 @@ def test_fit_physics_frontier_takes_each_budgets_loss_optimal_run(tmp_path, caps
     assert [f["run"] for f in result["frontier"]] == ["r1", "r2", "r5"]
     table = (src / "frontier.md").read_text()
     assert "| 1e+13 | r2 | 1.800 | 3.00 [2.70, 3.30] | 6.00" in table  # ood_speed is 2x
+    # The metric rises with the run index (ranks 0..5). The EMA losses rank 4 3 2 5 1 0 (r3's
+    # is the worst); FLOPs tie in pairs: ranks 0.5, 0.5, 2.5, 2.5, 4.5, 4.5.
+    corr = result["rank_correlations"]["velocity_error"]["in_distribution"]
+    assert corr["loss"] == pytest.approx(np.corrcoef([4, 3, 2, 5, 1, 0], np.arange(6))[0, 1])
+    assert corr["flops"] == pytest.approx(np.corrcoef([0.5, 0.5, 2.5, 2.5, 4.5, 4.5],
+                                                      np.arange(6))[0, 1])
+    assert "Spearman" in table
     (src / "ledger.jsonl").write_text(json.dumps({**ledger[0], "run_dir": "x/other"}) + "\n")
     with pytest.raises(ConfigError, match="none of its runs"):
         run_fit_physics(src, n_boot=20, ledger=src / "ledger.jsonl")

@@ -203,6 +203,42 @@ def frontier(summary: dict, ledger_rows: list[dict]) -> list[dict]:
     return [best[b] for b in sorted(best)]
 
 
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 0..n-1, ties given their mean rank (runs share a budget or a size)."""
+    r = np.empty(len(x))
+    r[np.argsort(x, kind="stable")] = np.arange(len(x))
+    for v in np.unique(x):
+        r[x == v] = r[x == v].mean()
+    return r
+
+
+def rank_correlations(summary: dict, ledger_rows: list[dict]) -> dict:
+    """{metric: {split: {"loss", "flops", "params": Spearman rank correlation}}} over every run
+    the ledger knows: what a physics metric follows."""
+    by_name = {Path(r["run_dir"]).name: r for r in ledger_rows if "run_dir" in r}
+    out: dict[str, dict] = {}
+    for metric, _ in METRICS:
+        for split in SPLITS:
+            cols: dict[str, list[float]] = {"y": [], "loss": [], "flops": [], "params": []}
+            for run in summary["runs"]:
+                row = by_name.get(Path(run["run"]).name)
+                vals = [r.get(metric, np.nan) for r in run["rows"]
+                        if r["source"] == "model" and r["split"] == split]
+                if row is None or not vals or not np.isfinite(vals[0]):
+                    continue
+                cols["y"].append(vals[0])
+                cols["loss"].append(row.get("eval_loss_ema", row.get("eval_loss", np.nan)))
+                cols["flops"].append(run["flops"])
+                cols["params"].append(run.get("params", row.get("params", np.nan)))
+            if len(cols["y"]) < 3:
+                continue
+            ry = _ranks(np.asarray(cols["y"]))
+            out.setdefault(metric, {})[split] = {  # NaN where a run lacks the value
+                k: float(np.corrcoef(_ranks(x), ry)[0, 1]) if np.isfinite(x).all() else np.nan
+                for k in ("loss", "flops", "params") for x in [np.asarray(cols[k], float)]}
+    return out
+
+
 def format_frontier(front: list[dict]) -> str:
     """Markdown: one table per metric, a row per budget (its loss-optimal run), a column per
     split, each value with its 95 % interval over clips."""
@@ -294,12 +330,22 @@ def run_fit_physics(physics: str | Path, out: str | Path | None = None, n_boot: 
 
         if not Path(ledger).is_file():
             raise FileNotFoundError(f"--ledger: no ledger at {ledger}")
-        front = frontier(summary, read_ledger(ledger))
+        rows = read_ledger(ledger)
+        front = frontier(summary, rows)
         if not front:
             raise ConfigError(f"--ledger {ledger}: none of its runs is in {src} (matched by run "
                               "folder name)")
         result["frontier"] = [{k: v for k, v in f.items() if k != "rows"} for f in front]
-        (out_dir / "frontier.md").write_text(format_frontier(front) + "\n")
+        result["rank_correlations"] = corr = rank_correlations(summary, rows)
+        lines = ["**Spearman rank correlation over all runs of each metric with the run's eval "
+                 "loss / training FLOPs / parameters**", "",
+                 "| metric | " + " | ".join(SPLITS) + " |", "|---|" + "---|" * len(SPLITS)]
+        for metric, splits in corr.items():
+            lines.append(f"| {metric} | " + " | ".join(
+                " / ".join(f"{splits[s][k]:.2f}" for k in ("loss", "flops", "params"))
+                if s in splits else "-" for s in SPLITS) + " |")
+        (out_dir / "frontier.md").write_text(format_frontier(front) + "\n\n"
+                                             + "\n".join(lines) + "\n")
     (out_dir / "physics_fit.json").write_text(json.dumps(result, indent=1, allow_nan=True))
     plot_physics_fit(result, summary, out_dir / "physics_fit.png")
     return result
