@@ -56,6 +56,7 @@ def test_ground_truth_clips_score_near_zero_and_hidden_balls_are_not_failures():
         hidden += int((~clip.visible[3:]).any())
         assert not m["failure"], seed
         assert m["velocity_error"] < 0.02  # frame heights per second
+        assert m["speed_ratio"] == pytest.approx(1.0, abs=0.03)
         assert not np.isfinite(m["gravity_error"]) or m["gravity_error"] < 0.05
         assert all(e < 0.02 for e in m["reemergence_errors"])
     assert hidden >= 2  # balls did pass behind the bar
@@ -73,6 +74,24 @@ def test_a_ball_deleted_for_some_frames_is_an_object_permanence_failure():
     assert not permanence(intact, clip, 3, world.height)["failure"]
     result = permanence(deleted, clip, 3, world.height)
     assert result["failure"] and result["vanished"] == 1 and result["count_error"] > 0
+
+
+def test_balls_drawn_at_half_their_speed_give_a_speed_ratio_of_one_half():
+    """Each generated frame halfway between the last given one and the truth: every generated
+    displacement is half the simulator's (one ball, no occluder: tracked whole throughout)."""
+    world = dataclasses.replace(SMALL, min_balls=1, max_balls=1, occluder_prob=0.0)
+    start, ratios = 3, []
+    for seed in range(6):
+        clip = simulate(world, seed)
+        slow = clip.positions.copy()
+        slow[start:] = slow[start - 1] + 0.5 * (slow[start:] - slow[start - 1])
+        frames = render_frames(slow, clip.radii, clip.colours, clip.occluders, world.height,
+                               world.width, world.background)
+        tracks = track(frames, clip.colours, world.background, clip.occluders)
+        m = clip_metrics(tracks, clip, start, world.height, world.fps, world.gravity)
+        if np.isfinite(m["speed_ratio"]):
+            ratios.append(m["speed_ratio"])
+    assert len(ratios) >= 4 and max(abs(r - 0.5) for r in ratios) < 0.05
 
 
 def test_a_clip_rendered_with_reversed_gravity_gives_a_large_gravity_error():
@@ -147,7 +166,8 @@ def test_bootstrap_intervals_cover_the_clip_mean_and_shrink_with_clips():
 
     def clips(n):
         return [{"found": 1.0, "velocity_error": v, "gravity_error": np.nan, "radius_drift": 0.0,
-                 "failure": bool(v > 1.2), "count_error": 0.0, "vanished": 0, "appeared": 0,
+                 "speed_ratio": 1.0, "failure": bool(v > 1.2), "count_error": 0.0,
+                 "vanished": 0, "appeared": 0,
                  "reemergence_errors": [], "reemergence_missed": 0, "energy_errors": []}
                 for v in rng.normal(1.0, 0.3, n)]
 
@@ -266,3 +286,10 @@ def test_eval_physics_reuses_runs_already_in_its_output(tiny_run, tmp_path, monk
     calls.clear()
     run_eval_physics([a, b, c], clips=2, out=str(out), progress=False)  # other settings
     assert calls == ["a", "b", "c"]
+    saved = json.loads((out / "physics.json").read_text())
+    for row in saved["runs"][1]["rows"]:  # b evaluated before a metric was added
+        del row["speed_ratio"]
+    (out / "physics.json").write_text(json.dumps(saved, allow_nan=True))
+    calls.clear()
+    run_eval_physics([a, b, c], clips=2, out=str(out), progress=False)
+    assert calls == ["b"]

@@ -95,6 +95,7 @@ def _summarise(per_clip: list[dict]) -> dict:
     return {
         "found": mean("found"),
         "velocity_error": mean("velocity_error"),
+        "speed_ratio": mean("speed_ratio"),
         "gravity_error": float(np.median(gravity)) if gravity else float("nan"),
         "gravity_fits": len(gravity),
         "radius_drift": mean("radius_drift"),
@@ -112,8 +113,8 @@ def _summarise(per_clip: list[dict]) -> dict:
 
 
 BOOTSTRAP = 1000  # resamples of a split's clips for the 95 % intervals
-CI_KEYS = ("found", "velocity_error", "gravity_error", "radius_drift", "permanence_failure",
-           "count_error", "reemergence_error", "energy_error")
+CI_KEYS = ("found", "velocity_error", "speed_ratio", "gravity_error", "radius_drift",
+           "permanence_failure", "count_error", "reemergence_error", "energy_error")
 
 
 def bootstrap_intervals(per_clip: list[dict], n: int = BOOTSTRAP, seed: int = 0) -> dict:
@@ -229,6 +230,7 @@ def evaluate_run(run_dir: str | Path, *, clips: int = 8, context_frames: int | N
 def format_table(result: dict) -> str:
     """The rows as a fixed-width text table."""
     cols = [("found", "found", "{:.2f}"), ("velocity_error", "vel h/s", "{:.3f}"),
+            ("speed_ratio", "speed x", "{:.2f}"),
             ("gravity_error", "grav rel", "{:.2f}"), ("radius_drift", "r drift", "{:.3f}"),
             ("permanence_failure", "perm fail", "{:.2f}"), ("count_error", "count", "{:.2f}"),
             ("reemergence_error", "reemerge h", "{:.3f}"), ("energy_error", "energy", "{:.3f}")]
@@ -237,8 +239,8 @@ def format_table(result: dict) -> str:
              f"split, {result['context_video_frames']} of {result['frames']} frames given",
              result["method"], head]
     for row in result["rows"]:
-        cells = "".join(f"{(fmt.format(row[k]) if np.isfinite(row[k]) else '-'):>11}"
-                        for k, _, fmt in cols)
+        cells = "".join(f"{(fmt.format(v) if np.isfinite(v) else '-'):>11}"
+                        for k, _, fmt in cols for v in [row.get(k, np.nan)])
         lines.append(f"{row['source']:<13}{row['split']:<17}{cells}")
     skipped = [f"{n}: skipped, {w}" for n, w in result["splits"].items() if isinstance(w, str)]
     return "\n".join(lines + skipped)
@@ -308,9 +310,12 @@ def _latest_step(run_dir: str | Path) -> int | None:
 
 def _reusable(previous: dict, run_dir: str, settings: dict) -> dict | None:
     """A result of an earlier call with the same --out for this run, if it was made at the
-    run's current checkpoint with the same settings (clips, seed, context, raw)."""
+    run's current checkpoint with the same settings (clips, seed, context, raw) and every
+    metric of this version (a result from before a metric was added is made again)."""
     result = previous.get(str(run_dir))
     if result is None or result.get("step") != _latest_step(run_dir):
+        return None
+    if any(k not in row for row in result.get("rows", []) for k in CI_KEYS):
         return None
     same = all(result.get(k) == v for k, v in settings.items())
     return result if same else None

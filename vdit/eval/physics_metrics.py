@@ -7,6 +7,9 @@ Units are the world's: lengths in frame heights (h), time in seconds.
 - found: the fraction of generated ball-frames in which the tracker found the ball at all.
 - velocity error: |v_tracked - v_true| per ball and frame pair, finite differences of centres
   (h/s), over pairs where the tracker saw the ball whole in both frames.
+- speed ratio: sum |v_tracked| / sum |v_true| over the same pairs: below 1, the generated balls
+  move slower than the simulator's (a model that pulls unseen speeds back to its training
+  range); NaN if the true balls barely move there.
 - gravity: one curvature shared by every free-flight arc of the clip (arcs from the ground
   truth: no wall, ball or floor contact), each arc with its own offset and slope, fitted by
   least squares to the tracked heights; error |g_fit - g| / g.
@@ -67,6 +70,16 @@ def velocity_error(tracks: Tracks, clip: Clip, start: int, height: int, fps: flo
     ok[: max(start - 1, 0)] = False
     err = np.linalg.norm(_fd(tracks.centres) - _fd(clip.positions.astype(np.float64)), axis=-1)
     return float(err[ok].mean() * fps / height) if ok.any() else float("nan")
+
+
+def speed_ratio(tracks: Tracks, clip: Clip, start: int) -> float:
+    """sum |v_tracked| / sum |v_true| over generated frame pairs seen whole; NaN if none, or
+    if the true balls move less than a pixel per frame in total there."""
+    ok = (tracks.state[1:] == VISIBLE) & (tracks.state[:-1] == VISIBLE)
+    ok[: max(start - 1, 0)] = False
+    tracked = np.linalg.norm(_fd(tracks.centres), axis=-1)[ok].sum()
+    true = np.linalg.norm(_fd(clip.positions.astype(np.float64)), axis=-1)[ok].sum()
+    return float(tracked / true) if true >= 1.0 else float("nan")
 
 
 def fit_gravity(tracks: Tracks, clip: Clip, start: int, height: int, fps: float,
@@ -193,6 +206,7 @@ def clip_metrics(tracks: Tracks, clip: Clip, start: int, height: int, fps: float
     return {
         "found": float(np.mean(tracks.state[start:] != MISSING)),
         "velocity_error": velocity_error(tracks, clip, start, height, fps),
+        "speed_ratio": speed_ratio(tracks, clip, start),
         "gravity_fit": g_fit,
         "gravity_error": abs(g_fit - gravity) / gravity if gravity > 0 else abs(g_fit),
         "radius_drift": float(np.mean(drift)) if drift else float("nan"),
