@@ -183,21 +183,29 @@ def format_physics_fit(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _with_ledger(summary: dict, ledger_rows: list[dict]) -> list[tuple[dict, dict, float]]:
+    """(run, its ledger row, its eval loss: EMA where logged) for each run of the summary the
+    ledger knows (matched by run folder name) with a finite loss."""
+    by_name = {Path(r["run_dir"]).name: r for r in ledger_rows if "run_dir" in r}
+    out = []
+    for run in summary["runs"]:
+        row = by_name.get(Path(run["run"]).name)
+        loss = row.get("eval_loss_ema", row.get("eval_loss")) if row else None
+        if loss is not None and np.isfinite(loss):
+            out.append((run, row, float(loss)))
+    return out
+
+
 def frontier(summary: dict, ledger_rows: list[dict]) -> list[dict]:
     """Per budget, the run with the lowest eval loss (EMA where logged), ascending in budget:
     the compute-optimal path through the grid. At one budget the larger models are the less
     trained, so a fit over every run also sees size; this path reads "with scale" alone.
     [{"budget", "run", "loss", "rows"}], rows: the run's model rows by split."""
-    by_name = {Path(r["run_dir"]).name: r for r in ledger_rows if "run_dir" in r}
     best: dict[float, dict] = {}
-    for run in summary["runs"]:
-        row = by_name.get(Path(run["run"]).name)
-        loss = row.get("eval_loss_ema", row.get("eval_loss")) if row else None
-        if loss is None or not np.isfinite(loss):
-            continue
+    for run, row, loss in _with_ledger(summary, ledger_rows):
         budget = float(row["budget_flops"])
         if budget not in best or loss < best[budget]["loss"]:
-            best[budget] = {"budget": budget, "run": Path(run["run"]).name, "loss": float(loss),
+            best[budget] = {"budget": budget, "run": Path(run["run"]).name, "loss": loss,
                             "rows": {r["split"]: r for r in run["rows"]
                                      if r["source"] == "model"}}
     return [best[b] for b in sorted(best)]
@@ -215,19 +223,18 @@ def _ranks(x: np.ndarray) -> np.ndarray:
 def rank_correlations(summary: dict, ledger_rows: list[dict]) -> dict:
     """{metric: {split: {"loss", "flops", "params": Spearman rank correlation}}} over every run
     the ledger knows: what a physics metric follows."""
-    by_name = {Path(r["run_dir"]).name: r for r in ledger_rows if "run_dir" in r}
+    matched = _with_ledger(summary, ledger_rows)
     out: dict[str, dict] = {}
     for metric, _ in METRICS:
         for split in SPLITS:
             cols: dict[str, list[float]] = {"y": [], "loss": [], "flops": [], "params": []}
-            for run in summary["runs"]:
-                row = by_name.get(Path(run["run"]).name)
+            for run, row, loss in matched:
                 vals = [r.get(metric, np.nan) for r in run["rows"]
                         if r["source"] == "model" and r["split"] == split]
-                if row is None or not vals or not np.isfinite(vals[0]):
+                if not vals or not np.isfinite(vals[0]):
                     continue
                 cols["y"].append(vals[0])
-                cols["loss"].append(row.get("eval_loss_ema", row.get("eval_loss", np.nan)))
+                cols["loss"].append(loss)
                 cols["flops"].append(run["flops"])
                 cols["params"].append(run.get("params", row.get("params", np.nan)))
             if len(cols["y"]) < 3:
