@@ -64,10 +64,16 @@ def _fd(p: np.ndarray) -> np.ndarray:
     return p[1:] - p[:-1]
 
 
-def velocity_error(tracks: Tracks, clip: Clip, start: int, height: int, fps: float) -> float:
-    """Mean |v_tracked - v_true| in h/s over generated frame pairs seen whole; NaN if none."""
+def _generated_pairs_seen_whole(tracks: Tracks, start: int) -> np.ndarray:
+    """[T-1, balls]: frame pairs (t, t+1) with t+1 generated and the ball seen whole in both."""
     ok = (tracks.state[1:] == VISIBLE) & (tracks.state[:-1] == VISIBLE)
     ok[: max(start - 1, 0)] = False
+    return ok
+
+
+def velocity_error(tracks: Tracks, clip: Clip, start: int, height: int, fps: float) -> float:
+    """Mean |v_tracked - v_true| in h/s over generated frame pairs seen whole; NaN if none."""
+    ok = _generated_pairs_seen_whole(tracks, start)
     err = np.linalg.norm(_fd(tracks.centres) - _fd(clip.positions.astype(np.float64)), axis=-1)
     return float(err[ok].mean() * fps / height) if ok.any() else float("nan")
 
@@ -75,8 +81,7 @@ def velocity_error(tracks: Tracks, clip: Clip, start: int, height: int, fps: flo
 def speed_ratio(tracks: Tracks, clip: Clip, start: int) -> float:
     """sum |v_tracked| / sum |v_true| over generated frame pairs seen whole; NaN if none, or
     if the true balls move less than a pixel per frame in total there."""
-    ok = (tracks.state[1:] == VISIBLE) & (tracks.state[:-1] == VISIBLE)
-    ok[: max(start - 1, 0)] = False
+    ok = _generated_pairs_seen_whole(tracks, start)
     tracked = np.linalg.norm(_fd(tracks.centres), axis=-1)[ok].sum()
     true = np.linalg.norm(_fd(clip.positions.astype(np.float64)), axis=-1)[ok].sum()
     return float(tracked / true) if true >= 1.0 else float("nan")
