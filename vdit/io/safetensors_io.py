@@ -3,7 +3,8 @@
 Tensors have flat, readable names (`params/encoder/stem/kernel`, `stats/mean`): the pytree's
 dict keys joined by "/". `config.json` holds the vdit config the weights belong to, the source
 step, the vdit version and the SHA-256 of every file, which `read_export` verifies. Nothing is
-pickled.
+pickled. The weights are read through `hf_folder.open_safetensors`, so a truncated or damaged
+file is refused naming it.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from vdit.io import atomic
+from vdit.io.hf_folder import CheckpointFormatError, check_safetensors, open_safetensors
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
@@ -89,7 +91,9 @@ def is_export(path: str | Path) -> bool:
 
 
 def read_export(path: str | Path) -> tuple[dict, dict]:
-    """(tensors as a nested dict of numpy arrays, info) after verifying the checksums."""
+    """(tensors as a nested dict of numpy arrays, info) after verifying the checksums. A
+    weights file that is cut short or damaged is refused as such (its header is checked before
+    its checksum, which would only say that it changed)."""
     path = Path(path)
     if not is_export(path):
         raise ExportError(f"{path} is not a vdit export (needs {CONFIG} and {WEIGHTS})")
@@ -97,6 +101,10 @@ def read_export(path: str | Path) -> tuple[dict, dict]:
         info = json.loads((path / CONFIG).read_text())
     except json.JSONDecodeError as e:
         raise ExportError(f"{path / CONFIG} is not valid JSON: {e}") from None
+    try:
+        check_safetensors(path / WEIGHTS)
+    except CheckpointFormatError as e:
+        raise ExportError(str(e)) from None
     sums = info.get("sha256", {})
     if WEIGHTS not in sums:
         raise ExportError(f"{path / CONFIG} lists no SHA-256 for {WEIGHTS}")
@@ -109,7 +117,8 @@ def read_export(path: str | Path) -> tuple[dict, dict]:
                               f"{CONFIG}'s {str(expected)[:16]}...: the file is corrupt or "
                               "altered")
     try:
-        flat = load_file(str(path / WEIGHTS))
-    except Exception as e:  # safetensors raises its own error types for malformed headers
-        raise ExportError(f"{path / WEIGHTS} cannot be read: {e}") from None
+        with open_safetensors(path / WEIGHTS) as f:
+            flat = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+    except CheckpointFormatError as e:
+        raise ExportError(str(e)) from None
     return unflatten(flat), info
