@@ -107,6 +107,27 @@ def test_wrong_key_does_not_decode(marked):
     assert not wm.detect(mine).present  # the public key does not see a private mark
 
 
+@pytest.mark.parametrize("flip, accuracy", [(wm.PAYLOAD_BITS + 5, 1.0),  # a CRC bit
+                                            (3, 31 / 32)],  # a payload bit
+                         ids=["crc_bit", "payload_bit"])
+def test_strong_sync_with_a_wrong_checksum_is_unmarked(monkeypatch, flip, accuracy):
+    """The false-positive guarantee is the CRC, not the sync: a mark of the same key, at full
+    strength, whose coded word has one bit flipped (so its CRC no longer matches its payload) is
+    read bit for bit and still reported unmarked."""
+    word = wm._coded_bits(PAYLOAD).copy()
+    word[flip] ^= 1
+    calls = []
+    with monkeypatch.context() as m:  # embed the corrupted word through the module's own path
+        m.setattr(wm, "_coded_bits", lambda payload: calls.append(payload) or word)
+        bad = wm.embed(_clip(3, frames=4, size=64, factor=1), PAYLOAD)
+    assert calls == [PAYLOAD]
+    d = wm.detect(bad, expected=PAYLOAD)
+    assert d.score >= wm.Z_THRESHOLD, d.message  # the sync is there, strong
+    assert d.bit_accuracy == accuracy, d.message  # and every bit reads as written
+    assert not d.present and d.payload is None, d.message
+    assert "payload checksum fails" in d.message
+
+
 def test_payloads_and_inputs():
     assert wm.make_payload("a", "b") == wm.make_payload("a", "b")
     assert wm.make_payload("a", "b") != wm.make_payload("a", "c")
