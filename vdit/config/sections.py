@@ -5,6 +5,7 @@ with the checks across sections (shapes that must divide, modes that must agree)
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -23,12 +24,18 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The diffusion transformer."""
+    """The diffusion transformer: `dit` (vdit's own, vdit/models/dit.py) or `wan` (the Wan
+    2.1 / 2.2 DiT of diffusers' WanTransformer3DModel, vdit/models/wan_dit.py; its captions
+    are embeddings of text.width channels, text.encoder t5 or precomputed)."""
 
+    kind: Literal["dit", "wan"] = "dit"
     width: int = 256
     depth: int = 4
     heads: int = 4
     mlp_ratio: float = 4.0
+    ffn_dim: int = 0  # MLP hidden width; 0: width * mlp_ratio (Wan configs state it: 8960)
+    freq_dim: int = 256  # wan: sinusoidal time features
+    cross_attn_norm: bool = True  # wan: affine LayerNorm before cross-attention
     patch: tuple[int, int, int] = (1, 2, 2)  # (pt, ph, pw) over the latent
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; params stay float32
     remat: Literal["none", "full", "dots"] = "none"
@@ -41,8 +48,15 @@ class ModelConfig:
     # sequence <-> heads by all-to-all (heads per tensor shard must divide by mesh.context).
     context_parallel: Literal["ring", "ulysses"] = "ring"
 
+    def hidden_dim(self) -> int:
+        """The MLP's hidden width."""
+        return self.ffn_dim or int(self.width * self.mlp_ratio)
+
     def validate(self) -> list[str]:
-        problems = _positive(self, "width", "depth", "heads", "mlp_ratio", "rope_theta")
+        problems = _positive(self, "width", "depth", "heads", "mlp_ratio", "rope_theta",
+                             "freq_dim")
+        if self.ffn_dim < 0:
+            problems.append(f"ffn_dim: must be >= 0 (0: width * mlp_ratio), got {self.ffn_dim}")
         problems += [f"patch: every entry must be >= 1, got {self.patch}"] * any(
             p < 1 for p in self.patch
         )
@@ -51,7 +65,10 @@ class ModelConfig:
                                                        self.attention_blocks)
         if self.heads > 0 and self.width % self.heads:
             problems.append(f"width: {self.width} is not divisible by heads={self.heads}")
-        elif self.heads > 0 and (self.width // self.heads) % 8:
+        elif self.kind == "wan" and self.heads > 0 and (self.width // self.heads) % 2:
+            problems.append(f"heads: head dim width/heads = {self.width // self.heads} must be "
+                            "even (Wan's 3D RoPE rotates channel pairs)")
+        elif self.kind == "dit" and self.heads > 0 and (self.width // self.heads) % 8:
             problems.append(
                 f"heads: head dim width/heads = {self.width // self.heads} must be a multiple of 8 "
                 "(3D RoPE splits it across t, h, w)"
@@ -236,10 +253,39 @@ class DiffusionConfig:
 
 
 @dataclass(frozen=True)
+class RewriteConfig:
+    """`vdit sample --rewrite-prompt`: each prompt is first expanded into a detailed caption by
+    a language model the user runs behind an OpenAI-compatible chat-completions `endpoint`
+    (vdit/sample/rewrite.py; docs/sampling.md). Nothing is sent without the flag."""
+
+    endpoint: str = ""  # e.g. http://127.0.0.1:8000/v1 (or .../v1/chat/completions)
+    model: str = ""  # the model name the endpoint serves
+    system: str = ""  # the instruction; "": vdit's (one detailed visual caption)
+    api_key_env: str = ""  # the NAME of an environment variable holding the key ("": none)
+    timeout_s: float = 60.0  # per try; one retry at most
+    max_tokens: int = 300  # of the answer
+    seed: int | None = 0  # null: not sent
+    temperature: float = 0.0
+    on_error: Literal["stop", "original"] = "stop"  # original: warn, sample the prompt as given
+
+    def validate(self) -> list[str]:
+        problems = _positive(self, "timeout_s", "max_tokens")
+        if not 0.0 <= self.temperature <= 2.0:
+            problems.append(f"temperature: must be in [0, 2], got {self.temperature}")
+        if self.endpoint and not self.endpoint.startswith(("http://", "https://")):
+            problems.append("endpoint: must be an http:// or https:// URL")
+        if self.api_key_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):
+            # Not echoed: what is given here may be the key itself.
+            problems.append("api_key_env: must be the NAME of an environment variable that "
+                            "holds the key (letters, digits, _), never the key itself")
+        return problems
+
+
+@dataclass(frozen=True)
 class SampleConfig:
     """Generation from prompts: at the end of training and in `vdit sample`."""
 
-    sampler: Literal["euler", "heun"] = "euler"
+    sampler: Literal["euler", "heun", "unipc", "flow_euler"] = "euler"  # diffusion/schedulers.py
     steps: int = 32
     guidance: float = 4.0
     prompts: tuple[str, ...] = (
@@ -249,9 +295,11 @@ class SampleConfig:
     num_per_prompt: int = 2
     seed: int = 0
     fps: float = 8.0
+    rewrite: RewriteConfig = field(default_factory=RewriteConfig)
 
     def validate(self) -> list[str]:
-        problems = _positive(self, "steps", "num_per_prompt", "fps")
+        problems = [f"rewrite.{p}" for p in self.rewrite.validate()]
+        problems += _positive(self, "steps", "num_per_prompt", "fps")
         if self.guidance < 0:
             problems.append(f"guidance: must be >= 0, got {self.guidance}")
         return problems
@@ -360,6 +408,10 @@ class Config:
             problems += [f"{f.name}.{p}" for p in getattr(self, f.name).validate()]
         if problems:
             return problems
+        if self.model.kind == "wan" and self.text.encoder == "transformer":
+            problems.append("text.encoder: model.kind 'wan' reads caption embeddings (Wan's "
+                            "UMT5): use 't5' or 'precomputed' with shards written by `vdit "
+                            "tokenize --text-encoder PATH`")
         if self.text.encoder in ("precomputed", "t5") and self.data.source != "shards":
             problems.append(
                 f"text.encoder: '{self.text.encoder}' needs data.source 'shards' written by "
@@ -396,7 +448,22 @@ class Config:
                     f"model.patch: latent size {lat} along {axis} is not divisible by "
                     f"patch {pp}"
                 )
-        return problems + self._context_problems()
+        return problems + self._tensor_problems() + self._context_problems()
+
+    def _tensor_problems(self) -> list[str]:
+        """Tensor parallelism splits the heads and the MLP's hidden units mesh.tensor ways
+        (Wan 2.1 1.3B: 12 heads, so tensor 8 is out; 14B: 40 heads, 16 is out)."""
+        t, m = self.mesh.tensor, self.model
+        if t <= 1:
+            return []
+        problems = [f"mesh.tensor: {t} does not divide model.heads={m.heads} (each tensor "
+                    f"shard holds whole heads); use one of "
+                    f"{[n for n in range(1, m.heads + 1) if m.heads % n == 0]}"] * bool(
+                        m.heads % t)
+        if m.hidden_dim() % t:
+            problems.append(f"mesh.tensor: {t} does not divide the MLP hidden width "
+                            f"{m.hidden_dim()}")
+        return problems
 
     def _context_problems(self) -> list[str]:
         """Context parallelism splits every clip's tokens (and, for ulysses, the heads of each

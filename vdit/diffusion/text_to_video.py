@@ -28,6 +28,7 @@ from vdit.io.autoencoders import build_autoencoder
 from vdit.models.dit import DiT
 from vdit.models.patch import token_grid
 from vdit.models.text import null_tokens_like
+from vdit.models.wan_dit import WanDiT
 
 Stats = dict[str, Any]
 
@@ -53,7 +54,10 @@ class TextToVideo:
         self.autoencoder = build_autoencoder(cfg.autoencoder)
         self.tokenizer = physics_tokenizer(cfg.text.max_length)
         self.latent_shape = cfg.latent_shape()
-        self.dit = DiT(cfg.model, cfg.text, self.tokenizer.vocab_size, self.latent_shape)
+        if cfg.model.kind == "wan":
+            self.dit = WanDiT(cfg.model, cfg.text, self.latent_shape)
+        else:
+            self.dit = DiT(cfg.model, cfg.text, self.tokenizer.vocab_size, self.latent_shape)
         self.shift = resolve_shift(cfg.diffusion, cfg.num_tokens())
         self.embedded = cfg.text.encoder != "transformer"  # the DiT sees embeddings
         self._t5 = None

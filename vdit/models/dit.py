@@ -19,7 +19,7 @@ from vdit.models.rope import rope_angles
 from vdit.models.text import TextEncoder
 from vdit.ops.attention import is_fused_attention
 
-_REMAT_POLICIES = {
+REMAT_POLICIES = {
     "full": None,  # recompute everything in the backward pass
     # matmul outputs and fused attention kernels' outputs are kept; element-wise work is redone
     "dots": jax.checkpoint_policies.save_from_both_policies(
@@ -27,11 +27,13 @@ _REMAT_POLICIES = {
 }
 
 
-def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
-    """Sinusoidal features of t in [0, 1] (scaled by 1000 as in DiT): [B] -> [B, dim]."""
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0,
+                       scale: float = 1000.0) -> jax.Array:
+    """Sinusoidal features, cos first, of scale * t (t in [0, 1] scaled by 1000 as in DiT; the
+    Wan DiT passes its timesteps with scale 1): [B] -> [B, dim]."""
     half = dim // 2
     freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-    args = 1000.0 * t.astype(jnp.float32)[:, None] * freqs[None]
+    args = scale * t.astype(jnp.float32)[:, None] * freqs[None]
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
@@ -132,10 +134,10 @@ class DiT(nn.Module):
             segments = None
         block = DiTBlock
         if cfg.remat != "none":
-            block = nn.remat(block, policy=_REMAT_POLICIES[cfg.remat],
+            block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat],
                              prevent_cse=not cfg.scan_layers)
         blocks = tuple(cfg.attention_blocks) if any(cfg.attention_blocks) else None
-        kwargs = dict(heads=cfg.heads, mlp_hidden=int(d * cfg.mlp_ratio), dtype=dtype,
+        kwargs = dict(heads=cfg.heads, mlp_hidden=cfg.hidden_dim(), dtype=dtype,
                       impl=cfg.attention, blocks=blocks, context_parallel=cfg.context_parallel)
         if cfg.scan_layers:
             stack = nn.scan(
