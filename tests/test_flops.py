@@ -111,3 +111,30 @@ def test_packed_flops_count_real_tokens_and_per_clip_attention():
                     + depth * 2 * cfg.text.max_length * cfg.text.width * 2 * d)
     attention_saved = 3 * 4 * d * depth * (n**2 - 2 * (n // 2) ** 2)
     assert two_clips == pytest.approx(one_clip - attention_saved + per_clip)
+
+
+def test_wan_forward_flops_match_xla_cost_analysis():
+    """model.kind wan (diffusers' WanTransformer3DModel): the analytic forward count
+    (`wan_forward_flops`: the text MLP and time path once per sample, no per-block adaLN
+    matmul, caption K/V from the model width) is within 5 % of XLA's count of the unscanned
+    forward (measured: 97.5 %; norms, RoPE and GELU are the rest)."""
+    import flax.linen as nn
+    import jax
+
+    from vdit.diffusion.text_to_video import TextToVideo
+    from vdit.scaling.flops import forward_breakdown, wan_forward_flops
+
+    d = tiny_dict("runs/wan-flops")
+    d["model"].update(kind="wan", scan_layers=False, width=128, heads=2, ffn_dim=320,
+                      freq_dim=64)
+    d["text"].update(encoder="precomputed", width=96, max_length=16)
+    d["data"].update(source="shards", shards="unused")
+    d["data"]["world"].update(frames=4, height=32, width=32)
+    cfg = from_dict(d)
+    system = TextToVideo(cfg)
+    inputs = system.dummy_inputs(2)
+    params = nn.unbox(system.init(jax.random.key(0)))
+    xla = jax.jit(lambda p: system.dit.apply(p, *inputs)).lower(params).compile(
+        ).cost_analysis()["flops"]
+    assert forward_breakdown(cfg) == wan_forward_flops(cfg)
+    assert 2 * wan_forward_flops(cfg).forward == pytest.approx(xla, rel=0.05)

@@ -1,4 +1,4 @@
-"""Exact matmul FLOPs of the text-to-video DiT, from its config.
+"""Exact matmul FLOPs of the text-to-video DiT (either `model.kind`), from its config.
 
 XLA's cost analysis counts a scanned layer stack once, not `depth` times, so MFU needs an
 analytic count. Only matmuls are counted (2 FLOPs per multiply-add); norms, softmax and
@@ -37,14 +37,42 @@ class FlopBreakdown:
 
 
 def per_token_params(cfg: Config) -> int:
-    """Weights applied to every video token (the P_tok of 2 * N * P_tok)."""
-    d, m, p = cfg.model.width, int(cfg.model.width * cfg.model.mlp_ratio), cfg.latent_shape()[3]
+    """Weights applied to every video token (the P_tok of 2 * N * P_tok). Both kinds: patch
+    embedding, per block q/k/v/out of self-attention, q/out of cross-attention and the MLP
+    (Wan: its FFN of ffn_dim), then the output projection."""
+    d, m, p = cfg.model.width, cfg.model.hidden_dim(), cfg.latent_shape()[3]
     p_in = p * cfg.model.patch[0] * cfg.model.patch[1] * cfg.model.patch[2]
     block = 3 * d * d + d * d + 2 * d * d + 2 * d * m  # qkv, out, cross q/out, mlp
     return p_in * d + cfg.model.depth * block + d * p_in
 
 
+def _caption_kv_width(cfg: Config) -> int:
+    """Input width of each block's cross-attention K/V projections: the text width (own DiT)
+    or the model width (Wan maps the caption to it once, in its text MLP)."""
+    return cfg.model.width if cfg.model.kind == "wan" else cfg.text.width
+
+
+def wan_forward_flops(cfg: Config) -> FlopBreakdown:
+    """Forward FLOPs of one sample of `model.kind: wan` (diffusers' WanTransformer3DModel,
+    vdit/models/wan_dit.py), by term: per token the shared per-token weights
+    (`per_token_params`); per block self-attention 4 N^2 d and cross-attention 4 N S d plus the
+    caption's K/V projections from d; once per sample the time path (freq_dim -> d -> d ->
+    6 d, no per-block adaLN matmul: blocks add a learned table) and, in `text_encoder`, the
+    text MLP over the S caption tokens (text.width -> d -> d)."""
+    n, d, depth = cfg.num_tokens(), cfg.model.width, cfg.model.depth
+    s, e = cfg.text.max_length, cfg.text.width
+    return FlopBreakdown(
+        per_token_linear=2.0 * n * per_token_params(cfg),
+        self_attention=4.0 * n * n * d * depth,
+        cross_attention=depth * (4.0 * n * s * d + 2.0 * s * d * 2 * d),
+        per_sample=2.0 * (cfg.model.freq_dim * d + d * d + d * 6 * d),
+        text_encoder=2.0 * s * (e * d + d * d),
+    )
+
+
 def forward_breakdown(cfg: Config) -> FlopBreakdown:
+    if cfg.model.kind == "wan":
+        return wan_forward_flops(cfg)
     n, d, depth = cfg.num_tokens(), cfg.model.width, cfg.model.depth
     s, e = cfg.text.max_length, cfg.text.width
     text = 0.0
@@ -82,7 +110,7 @@ def packed_train_flops(cfg: Config, segment_ids: np.ndarray) -> tuple[float, int
     tokens, clips = float(lengths.sum()), len(lengths)
     b = forward_breakdown(cfg)
     d, depth = cfg.model.width, cfg.model.depth
-    s, e = cfg.text.max_length, cfg.text.width
+    s, e = cfg.text.max_length, _caption_kv_width(cfg)
     forward = (
         2.0 * per_token_params(cfg) * tokens
         + b.per_sample * tokens
