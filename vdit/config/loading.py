@@ -175,6 +175,17 @@ def from_dict(data: dict) -> Config:
     return config
 
 
+def section_from_dict(cls: type, data: dict, prefix: str) -> Any:
+    """One section (e.g. RewriteConfig as "sample.rewrite") built and validated on its own, its
+    problems named under the dotted `prefix` as `from_dict` names them: for a command that
+    takes a section's keys as arguments (`vdit sample --rewrite KEY=VALUE`)."""
+    section = _build(cls, data, prefix)
+    problems = section.validate()
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(f"{prefix}.{p}" for p in problems))
+    return section
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """YAML file (default: experiments/default.yaml) + dotted overrides -> validated Config."""
     path = find_config_file(path) if path is not None else DEFAULT_CONFIG

@@ -218,10 +218,16 @@ def load_t5(path: str | Path, dtype: Any = jnp.float32, *,
     spec = read_spec(folder)
     params = load_params(folder, spec, dtype)
     params = jax.device_put(params, shardings)
+    return T5TextEncoder(spec, params, load_tokenizer(folder, tokenizer_path), dtype)
+
+
+def load_tokenizer(path: str | Path, tokenizer_path: str | Path | None = None) -> T5Tokenizer:
+    """The tokenizer of the T5 folder `path` alone, without its weights (what counts a
+    caption's tokens: `vdit sample --rewrite-prompt`)."""
+    folder = Path(path)
     config_pad = read_config(folder).get("pad_token_id", 0)
-    tokenizer = T5Tokenizer(_tokenizer_folder(folder, tokenizer_path),
-                            pad_id=config_pad if isinstance(config_pad, int) else 0)
-    return T5TextEncoder(spec, params, tokenizer, dtype)
+    return T5Tokenizer(_tokenizer_folder(folder, tokenizer_path),
+                       pad_id=config_pad if isinstance(config_pad, int) else 0)
 
 
 def checkpoint_sha256(path: str | Path) -> str:

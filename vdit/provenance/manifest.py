@@ -68,16 +68,25 @@ def mp4_metadata(record: dict[str, Any], *, max_prompt: int = 200) -> dict[str, 
                                     "vdit_version", "created", "model_hash", "seed",
                                     "watermark", "watermark_payload") if k in record}
     brief["prompt"] = prompt
+    rewrite = record.get("prompt_rewrite") or {}
+    if rewrite.get("rewritten"):  # vdit sample --rewrite-prompt: "prompt" is the model's
+        user = str(rewrite.get("user_prompt", ""))
+        brief["prompt_rewritten"] = True
+        brief["user_prompt"] = user if len(user) <= max_prompt else user[: max_prompt - 3] + "..."
+        brief["rewrite_model"] = str(rewrite.get("model", ""))
+    how = (f"a text prompt rewritten by the language model {rewrite.get('model', '')}"
+           if rewrite.get("rewritten") else "a text prompt")
     marked = record.get("watermark") == WATERMARK_SCHEME
     sentence = (f"AI-generated video (synthetic, made by vdit {record.get('vdit_version', '')} "
-                f"from a text prompt). " + ("Carries an invisible watermark; check it with "
+                f"from {how}). " + ("Carries an invisible watermark; check it with "
                                             "`vdit detect VIDEO`." if marked else
                                             "Invisible watermark: " + str(record.get("watermark"))
                                             + "."))
     return {
         "comment": json.dumps(brief, separators=(",", ":"), ensure_ascii=False),
         "description": sentence,
-        "keywords": "AI-generated, synthetic, trainedAlgorithmicMedia, vdit",
+        "keywords": "AI-generated, synthetic, trainedAlgorithmicMedia, vdit"
+                    + (", prompt rewritten" if rewrite.get("rewritten") else ""),
     }
 
 

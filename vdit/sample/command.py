@@ -15,6 +15,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from vdit.io.run_dir import check_output_dir
     from vdit.sample.generate import Marking, default_key, free_samples_dir, sample_run
     from vdit.sample.loading import load_for_sampling
+    from vdit.sample.rewrite import settings_from_args
 
     if args.no_watermark:
         print("WARNING: --no-watermark: these videos carry NO invisible watermark and cannot be "
@@ -25,13 +26,14 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         check_output_dir(args.out, "--out")
     cfg, system, params, stats, step = load_for_sampling(args.run_dir, args.step, args.raw)
     context = _read_context(args, cfg)
+    rewrite = settings_from_args(args, cfg.sample.rewrite)  # None: no --rewrite-prompt
     out = Path(args.out) if args.out else free_samples_dir(args.run_dir)
     marking = Marking(watermark=not args.no_watermark, key=args.watermark_key or default_key(),
                       run_id=f"{Path(args.run_dir).resolve().name}@{step}",
                       c2pa_cert=args.c2pa_cert, c2pa_key=args.c2pa_key)
     paths = sample_run(cfg, system, params, stats, out, args.prompt or None, args.num,
                        args.seed, marking, context, args.context_frames or 0, args.overwrite,
-                       negative_prompt=args.negative_prompt)
+                       negative_prompt=args.negative_prompt, rewrite=rewrite)
     for p in paths:
         print(p)
     return 0
@@ -102,4 +104,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--c2pa-key", default=None, help="PEM private key of --c2pa-cert")
     p.add_argument("--negative-prompt", default=None, help="guidance pushes away from this "
                    "caption instead of the empty one (runs with a pretrained text encoder)")
+    from vdit.sample.rewrite import add_arguments as add_rewrite_arguments
+
+    add_rewrite_arguments(p)
     p.set_defaults(func=_cmd_sample)

@@ -18,6 +18,7 @@ import numpy as np
 
 from vdit import __version__
 from vdit.config import Config, ConfigError, SampleConfig
+from vdit.config.sections import RewriteConfig
 from vdit.data.video_io import display_scale, tile, upscale, write_gif, write_mp4
 from vdit.diffusion.text_to_video import Stats, TextToVideo
 from vdit.provenance import manifest, watermark
@@ -101,10 +102,14 @@ def _slug(text: str, limit: int = 40) -> str:
 
 def write_samples(out_dir: str | Path, videos: np.ndarray, prompts: list[str], num: int,
                   fps: float, *, seed: int, model_hash: str,
-                  marking: Marking = Marking()) -> list[Path]:
+                  marking: Marking = Marking(), rewrites: list | None = None) -> list[Path]:
     """One marked mp4 (+ VIDEO.json sidecar) per video, a GIF grid (a row per prompt) and
-    prompts.json; returns the video paths. Frames are upscaled (nearest) for viewing first."""
+    prompts.json; returns the video paths. Frames are upscaled (nearest) for viewing first.
+    `prompts` are those the model saw; with `rewrites` (vdit.sample.rewrite.RewriteResult per
+    prompt) files are named after the user's prompts and every record keeps both."""
     out = Path(out_dir)
+    rewritten = [r.record() for r in rewrites] if rewrites else None
+    names = [r.prompt for r in rewrites] if rewrites else prompts
     out.mkdir(parents=True, exist_ok=True)
     scale = display_scale(*videos.shape[2:4])
     payload = watermark.make_payload(model_hash, marking.run_id)
@@ -121,8 +126,9 @@ def write_samples(out_dir: str | Path, videos: np.ndarray, prompts: list[str], n
         record = manifest.provenance_record(
             model_hash=model_hash, prompt=prompts[p], seed=seed, watermark=marking.watermark,
             payload=payload if marking.watermark else None, vdit_version=__version__,
-            extra={"run": marking.run_id, "video_index": k, "fps": fps})
-        path = write_mp4(out / _video_name(p, prompts[p], seed, k), frames, fps,
+            extra={"run": marking.run_id, "video_index": k, "fps": fps,
+                   **({"prompt_rewrite": rewritten[p]} if rewritten else {})})
+        path = write_mp4(out / _video_name(p, names[p], seed, k), frames, fps,
                          metadata=manifest.mp4_metadata(record))
         manifest.write_sidecar(path, record)
         if marking.c2pa_cert and marking.c2pa_key:
@@ -136,7 +142,9 @@ def write_samples(out_dir: str | Path, videos: np.ndarray, prompts: list[str], n
     write_gif(grid, preview, fps)
     (out / "prompts.json").write_text(json.dumps(
         {"prompts": prompts, "num_per_prompt": num, "seed": seed, "model_hash": model_hash,
-         "watermark": marking.watermark, "files": [p.name for p in [*paths, grid]]}, indent=2))
+         "watermark": marking.watermark, "files": [p.name for p in [*paths, grid]],
+         **({"user_prompts": names, "prompt_rewrite": rewritten} if rewritten else {})},
+        indent=2))
     return [*paths, grid]
 
 
@@ -185,10 +193,12 @@ def sample_run(cfg: Config, system: TextToVideo, params, stats: Stats, out_dir: 
                prompts: list[str] | None = None, num: int | None = None,
                seed: int | None = None, marking: Marking = Marking(),
                context: np.ndarray | None = None, context_frames: int = 0,
-               overwrite: bool = False, negative_prompt: str | None = None) -> list[Path]:
+               overwrite: bool = False, negative_prompt: str | None = None,
+               rewrite: RewriteConfig | None = None) -> list[Path]:
     """Generate from `prompts` (default: the config's) and write files under out_dir; with
     `context` (uint8 frames), continue it from its first `context_frames` latent frames.
-    An earlier sample set in out_dir is refused (ConfigError) unless `overwrite`."""
+    An earlier sample set in out_dir is refused (ConfigError) unless `overwrite`. With
+    `rewrite` each prompt is first rewritten by its endpoint (vdit/sample/rewrite.py)."""
     prompts = list(prompts or cfg.sample.prompts)
     num = num or cfg.sample.num_per_prompt
     seed = cfg.sample.seed if seed is None else seed
@@ -197,6 +207,12 @@ def sample_run(cfg: Config, system: TextToVideo, params, stats: Stats, out_dir: 
     if context is not None and system.embedded:
         raise ConfigError("--context: continuation reads word-tokenizer captions; this run uses "
                           f"text.encoder '{cfg.text.encoder}'")
+    rewrites = None
+    if rewrite is not None:  # before anything is generated; a failure may stop here
+        from vdit.sample.rewrite import rewrite_prompts, token_budget
+
+        rewrites = rewrite_prompts(prompts, rewrite, token_budget(cfg.text))
+        prompts = [r.text for r in rewrites]
     if context is None:
         videos = generate(system, params, stats, prompts, num=num, seed=seed, cfg=cfg.sample,
                           negative_prompt=negative_prompt)
@@ -204,4 +220,4 @@ def sample_run(cfg: Config, system: TextToVideo, params, stats: Stats, out_dir: 
         videos = continue_prompts(system, params, stats, prompts, context, context_frames,
                                   num=num, seed=seed, cfg=cfg.sample)
     return write_samples(out_dir, videos, prompts, num, cfg.sample.fps, seed=seed,
-                         model_hash=params_hash(params), marking=marking)
+                         model_hash=params_hash(params), marking=marking, rewrites=rewrites)
