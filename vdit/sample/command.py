@@ -12,6 +12,18 @@ from vdit.config.arguments import NON_NEGATIVE, POSITIVE
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
+    from vdit.config import ConfigError
+
+    if (args.run_dir is None) == (args.pipeline is None):
+        raise ConfigError("give a run directory (or export) or --pipeline PATH, not both")
+    if args.pipeline is not None:
+        return _cmd_sample_pipeline(args)
+    pipeline_only = [f for f in ("frames", "height", "width", "steps", "guidance",
+                                 "guidance_2", "text_length", "dtype") if
+                     getattr(args, f) is not None]
+    if pipeline_only:
+        raise ConfigError(f"--{pipeline_only[0].replace('_', '-')} is for --pipeline; a run "
+                          "samples at its config's size and sample.* settings")
     from vdit.io.run_dir import check_output_dir
     from vdit.sample.generate import Marking, default_key, free_samples_dir, sample_run
     from vdit.sample.loading import load_for_sampling
@@ -34,6 +46,49 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     paths = sample_run(cfg, system, params, stats, out, args.prompt or None, args.num,
                        args.seed, marking, context, args.context_frames or 0, args.overwrite,
                        negative_prompt=args.negative_prompt, rewrite=rewrite)
+    for p in paths:
+        print(p)
+    return 0
+
+
+def _cmd_sample_pipeline(args: argparse.Namespace) -> int:
+    """`vdit sample --pipeline PATH`: a diffusers WanPipeline folder (vdit/sample/pipeline.py)."""
+    import dataclasses
+
+    import jax
+
+    from vdit.config import ConfigError, SampleConfig
+    from vdit.io.run_dir import check_output_dir
+    from vdit.io.wan_pipeline import resolve_pipeline
+    from vdit.sample.generate import Marking, default_key
+    from vdit.sample.pipeline import PipelineSettings, run_pipeline
+    from vdit.sample.rewrite import settings_from_args
+
+    if args.step is not None or args.raw or args.context is not None:
+        raise ConfigError("--step, --raw and --context are for runs, not --pipeline")
+    _check_c2pa(args)
+    if args.out:
+        check_output_dir(args.out, "--out")
+    spec = resolve_pipeline(args.pipeline)
+    given = {f: getattr(args, f) for f in ("frames", "height", "width", "steps", "guidance",
+                                           "guidance_2", "text_length", "dtype", "fps")
+             if getattr(args, f, None) is not None}
+    default_dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    settings = dataclasses.replace(PipelineSettings(dtype=default_dtype), **given)
+    print(f"{spec.path}: {len(spec.expert_folders())} transformer(s) "
+          f"(width {spec.transformer.model.width}, {spec.transformer.model.depth} layers), "
+          f"{settings.frames} x {settings.height} x {settings.width}, {settings.steps} steps, "
+          f"guidance {settings.guidance}, {settings.dtype}", file=sys.stderr)
+    rewrite = settings_from_args(args, SampleConfig().rewrite)
+    out = Path(args.out) if args.out else Path("samples") / spec.path.name
+    marking = Marking(watermark=not args.no_watermark, key=args.watermark_key or default_key(),
+                      run_id=f"pipeline:{spec.path.name}", c2pa_cert=args.c2pa_cert,
+                      c2pa_key=args.c2pa_key)
+    if not args.prompt:
+        raise ConfigError("--pipeline needs at least one --prompt")
+    paths = run_pipeline(spec, args.prompt, args.negative_prompt, num=args.num or 1,
+                         seed=args.seed or 0, settings=settings, out_dir=out, marking=marking,
+                         overwrite=args.overwrite, rewrite=rewrite)
     for p in paths:
         print(p)
     return 0
@@ -78,7 +133,24 @@ def _read_context(args: argparse.Namespace, cfg):
 def register(subparsers: Any) -> None:
     """Add `sample` to an argparse subparsers object; its handler returns an exit code."""
     p = subparsers.add_parser("sample", help="generate videos from prompts with a trained run")
-    p.add_argument("run_dir", help="a DiT run directory, or its export (vdit export)")
+    p.add_argument("run_dir", nargs="?", default=None,
+                   help="a DiT run directory, or its export (vdit export)")
+    w = p.add_argument_group("diffusers Wan pipelines (--pipeline; docs/open-models.md)")
+    w.add_argument("--pipeline", default=None, metavar="PATH", help="sample a diffusers "
+                   "WanPipeline folder (Wan 2.1, Wan 2.2 A14B / TI2V-5B text-to-video)")
+    w.add_argument("--frames", type=POSITIVE, default=None, help="video frames, 1 + 4k "
+                   "(default 81)")
+    w.add_argument("--height", type=POSITIVE, default=None, help="pixels (default 480)")
+    w.add_argument("--width", type=POSITIVE, default=None, help="pixels (default 832)")
+    w.add_argument("--steps", type=POSITIVE, default=None, help="scheduler steps (default 50)")
+    w.add_argument("--guidance", type=float, default=None, help="CFG scale (default 5.0)")
+    w.add_argument("--guidance-2", type=float, default=None, help="Wan 2.2 A14B: the "
+                   "low-noise expert's CFG scale (default: --guidance)")
+    w.add_argument("--text-length", type=POSITIVE, default=None, help="UMT5 tokens, zero-"
+                   "padded (default 512, as the pipeline)")
+    w.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="the transformer's compute dtype (default: float32 on CPU, else bf16)")
+    w.add_argument("--fps", type=float, default=None, help="mp4 frame rate (default 16)")
     p.add_argument("--prompt", action="append", help="a caption (repeatable); default: the "
                    "config's sample.prompts")
     p.add_argument("--num", type=POSITIVE, default=None, help="videos per prompt")

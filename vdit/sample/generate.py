@@ -102,11 +102,13 @@ def _slug(text: str, limit: int = 40) -> str:
 
 def write_samples(out_dir: str | Path, videos: np.ndarray, prompts: list[str], num: int,
                   fps: float, *, seed: int, model_hash: str,
-                  marking: Marking = Marking(), rewrites: list | None = None) -> list[Path]:
+                  marking: Marking = Marking(), rewrites: list | None = None,
+                  extra: dict | None = None) -> list[Path]:
     """One marked mp4 (+ VIDEO.json sidecar) per video, a GIF grid (a row per prompt) and
     prompts.json; returns the video paths. Frames are upscaled (nearest) for viewing first.
     `prompts` are those the model saw; with `rewrites` (vdit.sample.rewrite.RewriteResult per
-    prompt) files are named after the user's prompts and every record keeps both."""
+    prompt) files are named after the user's prompts and every record keeps both. `extra`
+    (JSON-able, e.g. a pipeline's settings) goes into every sidecar and prompts.json."""
     out = Path(out_dir)
     rewritten = [r.record() for r in rewrites] if rewrites else None
     names = [r.prompt for r in rewrites] if rewrites else prompts
@@ -127,7 +129,7 @@ def write_samples(out_dir: str | Path, videos: np.ndarray, prompts: list[str], n
             model_hash=model_hash, prompt=prompts[p], seed=seed, watermark=marking.watermark,
             payload=payload if marking.watermark else None, vdit_version=__version__,
             extra={"run": marking.run_id, "video_index": k, "fps": fps,
-                   **({"prompt_rewrite": rewritten[p]} if rewritten else {})})
+                   **({"prompt_rewrite": rewritten[p]} if rewritten else {}), **(extra or {})})
         path = write_mp4(out / _video_name(p, names[p], seed, k), frames, fps,
                          metadata=manifest.mp4_metadata(record))
         manifest.write_sidecar(path, record)
@@ -143,7 +145,8 @@ def write_samples(out_dir: str | Path, videos: np.ndarray, prompts: list[str], n
     (out / "prompts.json").write_text(json.dumps(
         {"prompts": prompts, "num_per_prompt": num, "seed": seed, "model_hash": model_hash,
          "watermark": marking.watermark, "files": [p.name for p in [*paths, grid]],
-         **({"user_prompts": names, "prompt_rewrite": rewritten} if rewritten else {})},
+         **({"user_prompts": names, "prompt_rewrite": rewritten} if rewritten else {}),
+         **(extra or {})},
         indent=2))
     return [*paths, grid]
 
@@ -174,7 +177,7 @@ def free_samples_dir(run_dir: str | Path) -> Path:
     return out
 
 
-def _check_unused(out: Path, prompts: list[str], num: int, seed: int) -> None:
+def check_unused(out: Path, prompts: list[str], num: int, seed: int) -> None:
     """Refuse to write over an earlier sample set or over videos of the same names."""
     taken = [out / "prompts.json"] + [out / _video_name(p, prompt, seed, k)
                                      for p, prompt in enumerate(prompts) for k in range(num)]
@@ -203,7 +206,7 @@ def sample_run(cfg: Config, system: TextToVideo, params, stats: Stats, out_dir: 
     num = num or cfg.sample.num_per_prompt
     seed = cfg.sample.seed if seed is None else seed
     if not overwrite:  # checked before the (long) generation
-        _check_unused(Path(out_dir), prompts, num, seed)
+        check_unused(Path(out_dir), prompts, num, seed)
     if context is not None and system.embedded:
         raise ConfigError("--context: continuation reads word-tokenizer captions; this run uses "
                           f"text.encoder '{cfg.text.encoder}'")
