@@ -201,3 +201,24 @@ def test_refuses_image_conditioning(tmp_path):
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointFormatError, match=r"image_dim=1280.*I2V"):
         wt.load_params(folder)
+
+
+def test_layouts_load_sharded_and_match_one_device():
+    """tests/wan_layouts.py on 8 fake devices: fixture b loaded straight onto FSDP, FSDP x
+    tensor, ring and Ulysses context-parallel shardings equals the plain load, and the forward
+    loss and gradient under each layout match one device's."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
+           + " --xla_force_host_platform_device_count=8"}
+    out = subprocess.run([sys.executable, str(Path(__file__).parent / "wan_layouts.py")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+    assert out.returncode == 0 and lines, out.stderr[-3000:]
+    result = json.loads(lines[0].removeprefix("RESULT "))
+    assert set(result) == {"fsdp", "fsdp_tp", "ring", "ulysses"}
+    for name, r in result.items():
+        assert r["loaded_equal"] and r["sharded"], (name, r)
+        assert r["loss_err"] < 1e-5 and r["grad_err"] < 1e-5, (name, r)
