@@ -52,6 +52,10 @@ class PipelineSettings:
     text_length: int = RECIPE["max_sequence_length"]
     dtype: str = "float32"
     fps: float = RECIPE["fps"]
+    # LoRA files (diffusers / PEFT or ComfyUI / musubi naming) as (path, multiplier), folded into
+    # the transformer (`loras`) and, for Wan 2.2 A14B, transformer_2 (`loras_2`)
+    loras: tuple[tuple[str, float], ...] = ()
+    loras_2: tuple[tuple[str, float], ...] = ()
 
 
 def check_settings(spec: PipelineSpec, s: PipelineSettings) -> list[str]:
@@ -72,6 +76,8 @@ def check_settings(spec: PipelineSpec, s: PipelineSettings) -> list[str]:
                  "guidance_2 is for Wan 2.2 A14B's low-noise expert")
     if s.steps < 1:
         p.append(f"--steps: must be >= 1, got {s.steps}")
+    if s.loras_2 and spec.transformer_2 is None:
+        p.append("--lora-2: this pipeline has no transformer_2")
     if s.dtype not in ("float32", "bfloat16"):
         p.append(f"--dtype: float32 or bfloat16, got {s.dtype!r}")
     return p
@@ -106,14 +112,35 @@ def load_pipeline(spec: PipelineSpec, settings: PipelineSettings) -> LoadedPipel
                                         * 2), latent_channels=z)
     vae, vae_params, stats = load_wan(ae_cfg)
     experts = []
-    for folder in spec.expert_folders():
+    for folder, loras in zip(spec.expert_folders(), (settings.loras, settings.loras_2),
+                             strict=False):
         tspec, params = load_params(folder)
+        params = apply_loras(params, tspec, loras)
         model = dataclasses.replace(tspec.model, dtype=settings.dtype)
         module = WanDiT(model, TextConfig(encoder="precomputed", width=tspec.text_dim),
                         latent_shape=(0, 0, 0, z), time_scale=1.0)
         experts.append((module, jax.tree.map(jnp.asarray, params)))
     return LoadedPipeline(spec, encoder, vae, jax.tree.map(jnp.asarray, vae_params), stats,
                           experts)
+
+
+def apply_loras(params: dict, spec, loras: tuple[tuple[str, float], ...]) -> dict:
+    """params with each LoRA file folded in at its multiplier (vdit/io/wan_lora.py); tensors
+    of a file that match no module are reported by name."""
+    from vdit.io.wan_lora import read_lora
+    from vdit.models.lora import merge, targets_of
+
+    for path, multiplier in loras:
+        lora = read_lora(path, spec)
+        if lora.unmatched:
+            print(f"warning: {path}: {len(lora.unmatched)} tensor(s) match no module of the "
+                  "transformer and are not applied: " + ", ".join(lora.unmatched[:10])
+                  + (" ..." if len(lora.unmatched) > 10 else ""), flush=True)
+        print(f"LoRA {path}: {len(lora.adapters)} modules, rank {lora.rank}, "
+              f"{lora.naming} naming, x{multiplier}", flush=True)
+        params = jax.tree.map(np.asarray, merge(params, lora.adapters,
+                                                targets_of(lora.adapters, params), multiplier))
+    return params
 
 
 def latent_shape(spec: PipelineSpec, s: PipelineSettings) -> tuple[int, int, int, int]:
