@@ -109,12 +109,12 @@ def test_unmatched_keys_are_reported_and_nothing_matching_is_refused(tmp_path):
 
 
 def test_targets_regex_matching_nothing_lists_the_modules():
-    with pytest.raises(ValueError, match="match no module; the modules are: .*attn1/to_q"):
+    with pytest.raises(ValueError, match=r"match no module; the modules are: .*attn1/to_q"):
         lora.find_targets(BASE, r"nonexistent")
     targets = lora.find_targets(BASE, lora.DEFAULT_TARGETS["wan"])
     assert sorted(t.name for t in targets) == sorted(
-        f"blocks/{a}/{p}" for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out")
-    ) + ["blocks/ffn_in", "blocks/ffn_out"]
+        [f"blocks/{a}/{p}" for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out")]
+        + ["blocks/ffn_in", "blocks/ffn_out"])
 
 
 def test_vdit_sample_pipeline_with_loras(tmp_path, capsys):

@@ -19,7 +19,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if args.pipeline is not None:
         return _cmd_sample_pipeline(args)
     pipeline_only = [f for f in ("frames", "height", "width", "steps", "guidance",
-                                 "guidance_2", "text_length", "dtype") if
+                                 "guidance_2", "text_length", "dtype", "lora", "lora_2") if
                      getattr(args, f) is not None]
     if pipeline_only:
         raise ConfigError(f"--{pipeline_only[0].replace('_', '-')} is for --pipeline; a run "
@@ -73,6 +73,8 @@ def _cmd_sample_pipeline(args: argparse.Namespace) -> int:
     given = {f: getattr(args, f) for f in ("frames", "height", "width", "steps", "guidance",
                                            "guidance_2", "text_length", "dtype", "fps")
              if getattr(args, f, None) is not None}
+    given["loras"] = tuple(_lora_arg(x, "--lora") for x in args.lora or ())
+    given["loras_2"] = tuple(_lora_arg(x, "--lora-2") for x in args.lora_2 or ())
     default_dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     settings = dataclasses.replace(PipelineSettings(dtype=default_dtype), **given)
     print(f"{spec.path}: {len(spec.expert_folders())} transformer(s) "
@@ -92,6 +94,22 @@ def _cmd_sample_pipeline(args: argparse.Namespace) -> int:
     for p in paths:
         print(p)
     return 0
+
+
+def _lora_arg(value: str, flag: str) -> tuple[str, float]:
+    """FILE or FILE:SCALE -> (FILE, scale); the file must exist."""
+    from vdit.config import ConfigError
+
+    path, scale = value, 1.0
+    head, sep, tail = value.rpartition(":")
+    if sep and head:
+        try:
+            path, scale = head, float(tail)
+        except ValueError:
+            path = value
+    if not Path(path).is_file():
+        raise ConfigError(f"{flag}: {path} is not a file (expected FILE or FILE:SCALE)")
+    return path, scale
 
 
 def _check_c2pa(args: argparse.Namespace) -> None:
@@ -151,6 +169,10 @@ def register(subparsers: Any) -> None:
     w.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="the transformer's compute dtype (default: float32 on CPU, else bf16)")
     w.add_argument("--fps", type=float, default=None, help="mp4 frame rate (default 16)")
+    w.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="fold a LoRA into "
+                   "the transformer (diffusers / PEFT or ComfyUI / musubi naming; repeatable)")
+    w.add_argument("--lora-2", action="append", metavar="FILE[:SCALE]", help="Wan 2.2 A14B: "
+                   "a LoRA for transformer_2 (the low-noise expert)")
     p.add_argument("--prompt", action="append", help="a caption (repeatable); default: the "
                    "config's sample.prompts")
     p.add_argument("--num", type=POSITIVE, default=None, help="videos per prompt")
