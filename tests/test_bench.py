@@ -98,3 +98,25 @@ def test_peer_attention_flops_are_vdit_attention_flops():
     n, s, d = cfg.num_tokens(), cfg.text.max_length, cfg.model.width
     attention = f.self_attention + cfg.model.depth * 4.0 * n * s * d  # cross: QK and AV only
     assert peer.sdpa_flops(shape) == 3 * attention * cfg.train.batch_size
+
+
+def test_bench_of_a_wan_config_without_shards_runs_on_a_synthetic_batch(tmp_path, capsys):
+    """model.kind wan on precomputed captions whose shards are not here: the bench builds the
+    model from random weights, runs the step on a synthetic batch of the config's shapes and
+    counts Wan's FLOPs (what experiments/bench_gpu_wan.yaml does at 32,760 tokens)."""
+    from vdit.scaling.flops import wan_forward_flops
+    from vdit.train.bench import format_report
+
+    d = tiny_dict(tmp_path / "run")
+    d["model"].update(kind="wan", ffn_dim=64, freq_dim=16, dtype="bfloat16", remat="dots")
+    d["text"].update(encoder="precomputed", width=24, max_length=8)
+    d["data"].update(source="shards", shards=str(tmp_path / "absent"))
+    path = tmp_path / "wan.yaml"
+    path.write_text(yaml.safe_dump(d))
+    assert main(["bench", str(path), "--steps", "1", "--warmup", "1", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    cfg = from_dict(d)
+    assert r["synthetic_batch"] and r["model_kind"] == "wan"
+    assert r["flops_per_step"] == pytest.approx(3 * 4 * wan_forward_flops(cfg).forward)
+    assert r["loss"] > 0 and r["step_s"] > 0
+    assert "synthetic batch" in format_report(r)

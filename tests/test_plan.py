@@ -4,6 +4,8 @@ runs on them), the GPU estimate, target names, and the not-fitting verdict with 
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 
 import pytest
 from conftest import tiny_dict
@@ -170,3 +172,80 @@ def test_a_mesh_too_wide_for_the_model_is_a_clear_error():
 
     with pytest.raises(ConfigError, match="smaller fsdp"):
         plan(_tiny(train={"batch_size": 64}), "8x8xH100")
+
+
+def _tiny_wan(**sections):
+    """A tiny model.kind wan on precomputed captions read from shards (never opened: a plan
+    only needs their shapes)."""
+    wan = {"model": {"kind": "wan", "width": 32, "heads": 2, "ffn_dim": 64, "freq_dim": 16,
+                     "dtype": "bfloat16", "remat": "dots"},
+           "text": {"encoder": "precomputed", "width": 24, "max_length": 8},
+           "data": {"source": "shards", "shards": "shards/absent"}}
+    for section, values in sections.items():
+        wan.setdefault(section, {}).update(values)
+    return _tiny(**wan)
+
+
+def test_wan_tpu_plan_compiles_with_caption_embeddings():
+    """model.kind wan plans like the own DiT: the batch carries the stored caption embeddings
+    and their mask, the state the empty caption; inputs the step never reads (the caption ids)
+    are dropped from the compiled program and from the tiled count alike, so the bytes still
+    agree; FLOPs are Wan's."""
+    pytest.importorskip("libtpu")
+    from vdit.scaling.flops import wan_forward_flops
+    from vdit.train.plan import plan
+
+    cfg = _tiny_wan()
+    r = plan(cfg, "v5p-8")
+    assert r["compiled"] and r["args_agree"] and r["fits"]
+    assert r["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1, "context": 1}
+    assert r["flops_per_step"] == 3 * cfg.train.batch_size * wan_forward_flops(cfg).forward
+    # One clip per chip: its bf16 latent, int32 ids, bf16 embeddings [8, 24], int32 mask.
+    latent = math.prod(cfg.latent_shape()) * 2
+    assert r["batch_bytes"] == latent + 8 * 4 + 8 * 24 * 2 + 8 * 4
+
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+@pytest.mark.parametrize("config,overrides,topology,message", [
+    # Wan 2.1 1.3B: 12 heads, FFN 8960 (= 2^8 x 35): tensor 2 and 4 only.
+    ("bench_gpu_wan.yaml", ["mesh.tensor=8"], "8xH100",
+     "mesh.tensor: 8 does not divide model.heads=12"),
+    ("bench_gpu_wan.yaml", ["mesh.tensor=3"], "8xH100",
+     "mesh.tensor: 3 does not divide the MLP hidden width 8960"),
+    ("bench_gpu_wan.yaml", ["mesh.context=8", "model.context_parallel=ulysses"], "8xH100",
+     "ulysses splits the 12 heads over mesh.context 8"),
+    ("bench_gpu_wan.yaml", ["mesh.context=4", "mesh.tensor=2", "model.context_parallel=ulysses"],
+     "8xH100", "ulysses splits the 12 heads over mesh.context 4 x mesh.tensor 2"),
+    # Wan 2.1 14B: 40 heads, FFN 13824 (= 2^9 x 27): tensor 2, 4 and 8 only.
+    ("plan_wan14b.yaml", ["mesh.tensor=16"], "v5p-128",
+     "mesh.tensor: 16 does not divide model.heads=40"),
+    ("plan_wan14b.yaml", ["mesh.context=16", "model.context_parallel=ulysses"], "v5p-64",
+     "ulysses splits the 40 heads over mesh.context 16"),
+])
+def test_wan_layouts_the_heads_rule_out_fail_before_compiling(capsys, config, overrides,
+                                                               topology, message):
+    """Layouts that do not split Wan's heads (1.3B: 12, 14B: 40) are refused by the config
+    check, before `vdit plan` builds or compiles anything: exit 2 and one line naming the key."""
+    from vdit.cli import main
+
+    assert main(["plan", str(EXPERIMENTS / config), *overrides, "--topology", topology]) == 2
+    err = capsys.readouterr().err
+    assert "vdit plan: error:" in err and message in err and "Traceback" not in err
+
+
+def test_wan_layouts_the_config_cannot_see_fail_before_compiling():
+    """What only the resolved mesh shows: 32,760 tokens (480p) do not split 16 ways (ring or
+    not), and context -1 resolved to 16 chips is no Ulysses split of 40 heads."""
+    from vdit.config import load_config
+    from vdit.train.plan import plan
+
+    cfg = load_config(EXPERIMENTS / "plan_wan14b.yaml", ["mesh.context=16", "train.batch_size=2"])
+    with pytest.raises(ConfigError, match=r"32760 tokens per clip do not split 16 ways"):
+        plan(cfg, "v5p-64")
+    cfg = load_config(EXPERIMENTS / "plan_wan14b.yaml", [
+        "mesh.fsdp=2", "mesh.context=-1", "model.context_parallel=ulysses",
+        "data.world.height=720", "data.world.width=1280", "train.batch_size=2"])
+    with pytest.raises(ConfigError, match=r"ulysses splits the 40 heads over mesh\.context 16"):
+        plan(cfg, "v5p-64")

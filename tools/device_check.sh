@@ -5,6 +5,10 @@
 #     bash tools/device_check.sh            # about 8 minutes on an H100; stages are time-gated
 #
 # 1. `vdit bench experiments/bench_gpu.yaml` (the 1.4 B DiT at 16k tokens, bf16): MFU,
+# 1b. `vdit bench experiments/bench_gpu_wan.yaml` (Wan 2.1 1.3B at 81 x 480 x 832: 32,760
+#    tokens, bf16, remat dots; published architecture, random weights, synthetic batch) and
+#    the own DiT at the same 32,760 tokens (stages `wan`, `dit-32k`; SKIP="default ..." gives
+#    them the time of stage 1),
 # 2. the `gpu`-marked tests (Triton kernels against float64, auto / cuDNN / Pallas against XLA),
 # 3. tools/bench_attention.py at 4k, 16k and 64k tokens (xla, cudnn, pallas_gpu),
 # 4. a profile of the default step (per-op GPU time by category; the trace comes back),
@@ -47,17 +51,17 @@ fits() {  # fits LIMIT [STAGE]: is there time for a stage of LIMIT seconds, and 
     [ $((SECONDS - start + $1)) -le "$BUDGET" ] || { echo "(skipped: budget)"; return 1; }
 }
 
-vbench() {  # vbench NAME LIMIT [overrides...]: one `vdit bench` row, appended to bench.jsonl
-    local name=$1 limit=$2 row; shift 2
-    echo "-- bench $name $*"
+vbench() {  # [CONFIG=FILE] vbench NAME LIMIT [overrides...]: one `vdit bench` row, to bench.jsonl
+    local name=$1 limit=$2 row config=${CONFIG:-experiments/bench_gpu.yaml}; shift 2
+    echo "-- bench $name $config $*"
     fits "$limit" "$name" || return 0
-    echo "== bench $name $*" >>"$LOG"
+    echo "== bench $name $config $*" >>"$LOG"
     row=$(timeout "$limit" $PY -c "from vdit.cli import main; raise SystemExit(main())" \
-        bench experiments/bench_gpu.yaml "$@" --json --steps 10 --warmup 2 2>>"$LOG")
+        bench "$config" "$@" --json --steps 10 --warmup 2 2>>"$LOG")
     local rc=$?
     if [ $rc -eq 0 ]; then
         row=$(echo "$row" | tail -1)
-        echo "{\"name\": \"$name\", \"overrides\": \"$*\", \"result\": $row}" >>"$OUTDIR/bench.jsonl"
+        echo "{\"name\": \"$name\", \"config\": \"$config\", \"overrides\": \"$*\", \"result\": $row}" >>"$OUTDIR/bench.jsonl"
         echo "$row" | $PY -c "import json, sys
 from vdit.train.bench import format_report
 print(format_report(json.loads(sys.stdin.read())))"
@@ -75,6 +79,11 @@ fi
 
 echo "== train-step benchmark (experiments/bench_gpu.yaml)"
 vbench default 200
+
+echo "== Wan 2.1 1.3B train step at 81 x 480 x 832 (experiments/bench_gpu_wan.yaml), and the own"
+echo "   DiT at the same 32,760 tokens per clip (21 x 240 x 416 physics clips, space_to_depth 1x4x4)"
+CONFIG=experiments/bench_gpu_wan.yaml vbench wan 300
+vbench dit-32k 240 data.world.frames=21 data.world.height=240 data.world.width=416
 
 echo "== gpu tests"
 if fits 120 tests; then

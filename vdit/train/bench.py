@@ -1,14 +1,25 @@
-"""`vdit bench`: compile and time the train step; report tokens/s, FLOPs, MFU and memory."""
+"""`vdit bench`: compile and time the train step; report tokens/s, FLOPs, MFU and memory.
+
+A config on shards that are not here (data.source shards, no index.json at data.shards) is
+benched on a synthetic batch of its shapes (random latents and caption embeddings, unit latent
+statistics, zero frozen-autoencoder params): the step reads stored latents either way, so its
+work and memory are the same, and a published-architecture model (model.kind wan on the Wan
+VAE's published architecture, experiments/bench_gpu_wan.yaml) benches without downloads.
+"""
 
 from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from vdit.config import Config
 from vdit.data.pipeline import fixed_batch
+from vdit.diffusion.text_to_video import TextToVideo
 from vdit.scaling.flops import step_flops
 from vdit.train.state import count_params
 from vdit.train.throughput import compiled_flops, device_peak
@@ -29,6 +40,36 @@ def _peak_memory(compiled) -> tuple[float, str]:
     return float(total), "XLA estimate"
 
 
+def synthetic(cfg: Config) -> bool:
+    """Whether the bench runs on a synthetic batch: data.source shards that are not here."""
+    return cfg.data.source == "shards" and not (Path(cfg.data.shards) / "index.json").is_file()
+
+
+def synthetic_stats(system: TextToVideo) -> dict:
+    """TrainState.stats of `system` without data or files: latent mean 0 and std 1, zero
+    frozen-autoencoder params (a step on stored latents never runs them) and, for caption
+    embeddings, the fully masked empty caption (`null_caption`'s default). (`text.encoder:
+    t5` still reads its folder's config.json.)"""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: np.full(x.shape, jax.tree_util.keystr(path) == "['std']", x.dtype),
+        system.stats_shapes())
+
+
+def synthetic_batch(cfg: Config, count: int, seed: int = 0) -> dict:
+    """`count` clips as shards give them: "latent" bf16 [N, T', H', W', C] (standard normal),
+    "tokens" int32 [N, S] and, for precomputed captions, "text" [N, S, text.width] in
+    text.dtype (standard normal) with an all-ones "text_mask" (Wan pads to 512 unmasked)."""
+    rng = np.random.default_rng(seed)
+    s = cfg.text.max_length
+    batch = {"latent": rng.standard_normal((count, *cfg.latent_shape()), np.float32).astype(
+        jnp.bfloat16), "tokens": np.ones((count, s), np.int32)}
+    if cfg.text.encoder == "precomputed":
+        batch["text"] = rng.standard_normal((count, s, cfg.text.width), np.float32).astype(
+            jnp.dtype(cfg.text.dtype))
+        batch["text_mask"] = np.ones((count, s), np.int32)
+    return batch
+
+
 class WarmStep:
     """A compiled train step on a fixed batch, run `warmup` times: `run()` times one more step.
     `compiler_options`: XLA debug options (XLA_FLAGS names without the dashes) for this compile.
@@ -37,9 +78,15 @@ class WarmStep:
     only the step is measured (no data loading); state advances with every run."""
 
     def __init__(self, cfg: Config, warmup: int = 2, compiler_options: dict | None = None):
-        self.trainer = build_trainer(cfg)
-        host = fixed_batch(cfg.data, self.trainer.system.tokenizer, "train",
-                           cfg.train.batch_size, cfg.text.encoder == "precomputed")
+        self.synthetic = synthetic(cfg)
+        if self.synthetic:
+            system = TextToVideo(cfg)
+            self.trainer = build_trainer(cfg, system, stats=synthetic_stats(system))
+            host = synthetic_batch(cfg, cfg.train.batch_size)
+        else:
+            self.trainer = build_trainer(cfg)
+            host = fixed_batch(cfg.data, self.trainer.system.tokenizer, "train",
+                               cfg.train.batch_size, cfg.text.encoder == "precomputed")
         self.batch = self.trainer.device_batch(host)
         with self.trainer.context():
             t0 = time.perf_counter()
@@ -95,6 +142,7 @@ def bench(cfg: Config, *, steps: int = 10, warmup: int = 2, runs: int = 1) -> di
         "compile_s": step.compile_s, "peak_memory_bytes": memory,
         "memory_source": memory_src, "scan_layers": cfg.model.scan_layers,
         "dtype": cfg.model.dtype, "remat": cfg.model.remat, "loss": float(step.metrics["loss"]),
+        "model_kind": cfg.model.kind, "synthetic_batch": step.synthetic,
     }
 
 
@@ -111,8 +159,9 @@ def format_report(r: dict) -> str:
     step_note = "median of the runs' medians" if len(runs) > 1 else "median"
     return "\n".join([
         f"device        {r['device']} x {r['devices']}",
-        f"model         {r['params'] / 1e6:.1f} M params, {r['dtype']}, remat {r['remat']}, "
-        f"scan {r['scan_layers']}",
+        f"model         {r['params'] / 1e6:.1f} M params ({r.get('model_kind', 'dit')}), "
+        f"{r['dtype']}, remat {r['remat']}, scan {r['scan_layers']}"
+        + (", synthetic batch (no shards here)" if r.get("synthetic_batch") else ""),
         f"compile       {r['compile_s']:.1f} s",
         f"step          {r['step_s'] * 1e3:.1f} ms {step_note} (min "
         f"{r['step_s_min'] * 1e3:.1f} ms)",

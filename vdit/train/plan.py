@@ -57,15 +57,22 @@ def for_target(cfg: Config, target: Target) -> tuple[Config, str]:
 
 
 def abstract_stats(cfg: Config, system: TextToVideo) -> dict:
-    """Shapes of TrainState.stats: per-channel latent mean/std and the frozen autoencoder's
-    params (their shapes from its init; no checkpoint is read)."""
+    """Shapes of TrainState.stats: per-channel latent mean/std, the frozen autoencoder's
+    params (their shapes from its init; no checkpoint is read) and, for caption embeddings
+    (`text.encoder` t5 or precomputed), the empty caption (+ the in-step T5's params, whose
+    shapes come from its config.json)."""
     channels = system.latent_shape[-1]
     w = cfg.data.world
     video = jax.ShapeDtypeStruct((1, w.frames, w.height, w.width, 3), jnp.float32)
     ae = {} if cfg.autoencoder.kind == "space_to_depth" else nn.unbox(
         jax.eval_shape(system.autoencoder.init, jax.random.key(0), video))
     vec = jax.ShapeDtypeStruct((channels,), jnp.float32)
-    return {"mean": vec, "std": vec, "autoencoder": ae}
+    text = {}
+    if system.embedded:
+        from vdit.data.captions import text_stats_shapes
+
+        text = text_stats_shapes(cfg)
+    return {"mean": vec, "std": vec, "autoencoder": ae, **text}
 
 
 def abstract_state(cfg: Config, system: TextToVideo, tx: optax.GradientTransformation,
@@ -95,7 +102,9 @@ def abstract_state(cfg: Config, system: TextToVideo, tx: optax.GradientTransform
 
 
 def abstract_batch(cfg: Config, system: TextToVideo, mesh) -> dict:
-    """One global batch as the loop feeds it: uint8 video (physics) or stored latents (shards)."""
+    """One global batch as the loop feeds it: uint8 video (physics) or stored latents (shards),
+    the caption's token ids, and with `text.encoder: precomputed` its stored embeddings
+    [B, S, text.width] in text.dtype and their int32 mask (vdit/data/shard_pipeline.py)."""
     b, s = cfg.train.batch_size, cfg.text.max_length
     shard = batch_sharding(mesh)
     w = cfg.data.world
@@ -105,7 +114,12 @@ def abstract_batch(cfg: Config, system: TextToVideo, mesh) -> dict:
     else:
         clip = jax.ShapeDtypeStruct((b, w.frames, w.height, w.width, 3), jnp.uint8, sharding=shard)
         key = "video"
-    return {key: clip, "tokens": jax.ShapeDtypeStruct((b, s), jnp.int32, sharding=shard)}
+    batch = {key: clip, "tokens": jax.ShapeDtypeStruct((b, s), jnp.int32, sharding=shard)}
+    if cfg.text.encoder == "precomputed":
+        batch["text"] = jax.ShapeDtypeStruct((b, s, cfg.text.width), jnp.dtype(cfg.text.dtype),
+                                             sharding=shard)
+        batch["text_mask"] = jax.ShapeDtypeStruct((b, s), jnp.int32, sharding=shard)
+    return batch
 
 
 def per_chip_bytes(tree) -> int:
@@ -126,6 +140,8 @@ def tiled_bytes(tree, formats) -> int:
             formats, is_leaf=lambda f: hasattr(f, "layout")), strict=True):
         shard = x.sharding.shard_shape(x.shape)
         layout = fmt.layout
+        if layout is None:  # an input the step never reads (caption ids beside their
+            continue  # embeddings): jit drops it from the compiled program
         dims = [shard[i] for i in layout.major_to_minor] or [1]
         tile = layout.tiling[0] if layout.tiling else ()
         for j, t in enumerate(reversed(tile)):
@@ -184,6 +200,21 @@ def mesh_sizes(cfg: Config, chips: int) -> dict[str, int]:
                                         strict=True)}
 
 
+def _check_context(cfg: Config, sizes: dict[str, int], target: str) -> None:
+    """What the config check leaves to tracing, on the mesh as resolved for `target`: the
+    planned clip's tokens must split over the context axis (a shards config's clip shape is
+    data.world's here), and Ulysses needs the heads to split over context x tensor."""
+    c, t, heads, n = sizes["context"], sizes["tensor"], cfg.model.heads, cfg.num_tokens()
+    if c > 1 and cfg.data.batching != "pack" and n % c:
+        raise ConfigError(f"mesh.context: {n} tokens per clip do not split {c} ways on "
+                          f"{target}; use a context size that divides {n}")
+    if c > 1 and cfg.model.context_parallel == "ulysses" and heads % (c * t):
+        raise ConfigError(f"model.heads: ulysses splits the {heads} heads over mesh.context "
+                          f"{c} x mesh.tensor {t} = {c * t} devices on {target}; use a "
+                          f"context x tensor that divides {heads} or model.context_parallel="
+                          "ring")
+
+
 def plan(cfg: Config, target_name: str, mfu: float = 0.4) -> dict:
     """Compile (TPU) or estimate (GPU) the train step of `cfg` on `target_name`; one dict of
     per-chip bytes, FLOPs, expected step time and the verdict (see `format_plan`)."""
@@ -198,6 +229,7 @@ def plan(cfg: Config, target_name: str, mfu: float = 0.4) -> dict:
         raise ConfigError(f"train.batch_size: {cfg.train.batch_size} does not split over "
                           f"data x fsdp = {batch_shards} devices of {target.name}; use a "
                           "multiple of it")
+    _check_context(cfg, sizes, target.name)
     system, tx, rules = TextToVideo(cfg), make_optimizer(cfg.train), get_rules(cfg.mesh.rules)
     if target.platform == "tpu":
         mesh = make_mesh(cfg.mesh, tpu_devices(target))

@@ -92,16 +92,17 @@ def restore_target(cfg: Config, system: System) -> TrainState:
 
 
 def build_trainer(cfg: Config, system: System | None = None, devices: list | None = None, *,
-                  restoring: bool = False) -> Trainer:
+                  restoring: bool = False, stats: dict | None = None) -> Trainer:
     """A fresh sharded TrainState (stats from `data.stats_clips` training clips) and the jitted
     step, for `system` (default: the text-to-video DiT). Restoring a checkpoint into
     `trainer.state` is the caller's choice; with `restoring` the state is only its abstract
     target (`restore_target`), so a resumed run reads neither its stats clips nor its
-    autoencoder export. The mesh spans `devices` (default: all)."""
+    autoencoder export. Given `stats` (`vdit bench` on synthetic batches) the state starts from
+    them and no data is read. The mesh spans `devices` (default: all)."""
     mesh, rules = mesh_and_rules(cfg, devices)
     system = system if system is not None else TextToVideo(cfg)
     tx = make_optimizer(cfg.train)
-    if cfg.data.source == "shards":
+    if cfg.data.source == "shards" and stats is None:
         from vdit.data.shard_pipeline import check_shards
 
         check_shards(cfg.data.shards, cfg.autoencoder)
@@ -116,11 +117,12 @@ def build_trainer(cfg: Config, system: System | None = None, devices: list | Non
         state = _abstract_state(system, tx, mesh, rules)
     else:
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            clips = fixed_batch(cfg.data, physics_tokenizer(cfg.text.max_length), "train",
-                                cfg.data.stats_clips)
-            # uint8 videos (physics) or stored latents (shards): the system measures either.
-            stats = system.initial_stats(clips["video"] if "video" in clips
-                                         else clips["latent"])
+            if stats is None:
+                clips = fixed_batch(cfg.data, physics_tokenizer(cfg.text.max_length), "train",
+                                    cfg.data.stats_clips)
+                # uint8 videos (physics) or stored latents (shards): the system measures either.
+                stats = system.initial_stats(clips["video"] if "video" in clips
+                                             else clips["latent"])
             state = create_state(system, tx, cfg.train.seed, stats, mesh, rules)
     shardings = state_shardings(state)
     b_shard = batch_sharding(mesh)
