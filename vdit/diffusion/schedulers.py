@@ -16,7 +16,7 @@ holds every such integer exactly); for vdit's own DiT it is the sigma itself.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -51,7 +51,6 @@ class Schedule:
     solver: Solver
     unipc: UniPC | None = None
     cast_to_output_dtype: bool = False
-    source: str = field(default="vdit", compare=False)  # where it was read from, for messages
 
     @property
     def steps(self) -> int:
@@ -230,12 +229,12 @@ def schedule_from_config(config: dict, steps: int, where: str = "scheduler_confi
         sigmas, timesteps = unipc_flow_sigmas(steps, shift, cfg["num_train_timesteps"], final)
         opts = UniPC(order, "bh1" if kind == "bh1" else "bh2", lof,
                      tuple(sorted(set(off))))
-        return Schedule(sigmas, timesteps.astype(np.float32), "unipc", opts, source=where)
+        return Schedule(sigmas, timesteps.astype(np.float32), "unipc", opts)
     if name == "FlowMatchEulerDiscreteScheduler":
         cfg = _settings(config, name, _EULER_DEFAULTS, _EULER_IGNORED, _EULER_REQUIRED, where)
         shift = _shift_value(cfg, "shift", where)
         sigmas, timesteps = flow_match_euler_sigmas(steps, shift, cfg["num_train_timesteps"])
-        return Schedule(sigmas, timesteps, "euler", cast_to_output_dtype=True, source=where)
+        return Schedule(sigmas, timesteps, "euler", cast_to_output_dtype=True)
     raise ValueError(f"{where}: _class_name: {name!r}; allowed: UniPCMultistepScheduler, "
                      "FlowMatchEulerDiscreteScheduler")
 
