@@ -1,13 +1,15 @@
 """vdit's train step against the PyTorch peer a user would otherwise pick, alternating, one session.
 
 The peer is diffusers' `WanTransformer3DModel` (random weights from a config, float32, AdamW,
-the rectified-flow loss) at vdit's shape: layers, width, heads, MLP width, patch, latent grid,
-text length and width, batch. Rounds alternate `vdit bench` and the peer's step, so drift of a
-shared machine hits both; each round reports both step times, tokens/s and the ratio, and the
-rounds the peer wins are listed, not hidden. FLOPs are printed for both sides: vdit's analytic
-count (and XLA's), and the peer's as torch's FlopCounterMode counts one forward + backward, plus
-the attention matmuls it does not count on CPU. `--profile` then shows where each side's step
-goes, by op category (tools/profile_step.py for vdit, torch.profiler for the peer).
+the rectified-flow loss) at vdit's shape. For `model.kind: wan` (experiments/bench_cpu_wan.yaml)
+both sides run the same model; for vdit's own DiT the peer has its shape: layers, width, heads,
+MLP width, patch, latent grid, text length and width, batch. Rounds alternate `vdit bench` and
+the peer's step, so drift of a shared machine hits both; each round reports both step times,
+tokens/s and the ratio, and the rounds the peer wins are listed, not hidden. FLOPs are printed
+for both sides: vdit's analytic count (and XLA's), and the peer's as torch's FlopCounterMode
+counts one forward + backward, plus the attention matmuls it does not count on CPU. `--profile`
+then shows where each side's step goes, by op category (tools/profile_step.py for vdit,
+torch.profiler for the peer).
 
 The peer runs in its own environment, built once outside the repository (torch is never a
 dependency of vdit or its tests):
@@ -50,8 +52,9 @@ torch.set_num_threads(s["threads"])
 model = WanTransformer3DModel(
     patch_size=tuple(s["patch"]), num_attention_heads=s["heads"],
     attention_head_dim=s["width"] // s["heads"], in_channels=s["channels"],
-    out_channels=s["channels"], text_dim=s["text_width"], freq_dim=256, ffn_dim=s["mlp"],
-    num_layers=s["depth"], cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6)
+    out_channels=s["channels"], text_dim=s["text_width"], freq_dim=s["freq_dim"],
+    ffn_dim=s["mlp"], num_layers=s["depth"], cross_attn_norm=s["cross_attn_norm"],
+    qk_norm="rms_norm_across_heads", eps=1e-6)
 opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
 b, (t, h, w), c = s["batch"], s["latent"], s["channels"]
 x0 = torch.randn(b, c, t, h, w)
@@ -134,8 +137,11 @@ def peer_shape(config: str | None, overrides: list[str], steps: int, warmup: int
 
     cfg = load_from_command_line(config, overrides)
     t, h, w, c = cfg.latent_shape()
+    wan = cfg.model.kind == "wan"
     return {"depth": cfg.model.depth, "width": cfg.model.width, "heads": cfg.model.heads,
-            "mlp": int(cfg.model.width * cfg.model.mlp_ratio), "patch": list(cfg.model.patch),
+            "mlp": cfg.model.hidden_dim(), "patch": list(cfg.model.patch), "kind": cfg.model.kind,
+            "freq_dim": cfg.model.freq_dim if wan else 256,
+            "cross_attn_norm": cfg.model.cross_attn_norm if wan else True,
             "channels": c, "latent": [t, h, w], "text_length": cfg.text.max_length,
             "text_width": cfg.text.width, "batch": cfg.train.batch_size,
             "tokens_per_step": cfg.train.batch_size * cfg.num_tokens(),
@@ -198,6 +204,7 @@ def main() -> None:
         parser.error(f"model.dtype is {shape['dtype']}; the peer comparison is float32")
     python = peer_python(args.peer_python)
     tokens = shape["tokens_per_step"]
+    print(f"vdit model.kind {shape['kind']} against diffusers' WanTransformer3DModel")
     print(f"shape: L{shape['depth']} d{shape['width']} heads {shape['heads']} MLP {shape['mlp']} "
           f"patch {shape['patch']} latent {shape['latent']}x{shape['channels']} text "
           f"{shape['text_length']}x{shape['text_width']} batch {shape['batch']} "
