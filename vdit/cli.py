@@ -111,7 +111,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from vdit.export.run_export import export_run
 
     out = export_run(args.run_dir, to=args.to, out=args.out, raw=args.raw, step=args.step,
-                     overwrite=args.overwrite)
+                     overwrite=args.overwrite, dtype=args.dtype, pipeline=args.pipeline)
     print(out)
     return 0
 
@@ -255,13 +255,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="raw params instead of the EMA")
     p.set_defaults(func=_cmd_eval_physics)
 
-    p = sub.add_parser("export", help="export a run: safetensors, a StableHLO sampler, or a "
-                       "param-only checkpoint")
+    p = sub.add_parser("export", help="export a run: safetensors, a StableHLO sampler, a "
+                       "param-only checkpoint, or diffusers folders (model.kind wan)")
     p.add_argument("run_dir")
-    p.add_argument("--to", choices=["safetensors", "stablehlo", "params"], default="safetensors",
+    p.add_argument("--to", choices=["safetensors", "stablehlo", "params", "diffusers"],
+                   default="safetensors",
                    help="safetensors: weights + config.json; stablehlo: also the generation "
                    "function (jax.export, cpu/cuda/tpu); params: a param-only orbax checkpoint "
-                   "on one host")
+                   "on one host; diffusers: a model.kind wan run's transformer/ folder "
+                   "(WanTransformer3DModel.from_pretrained), docs/export-diffusers.md")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="with --to diffusers: the tensors' dtype (default float32, bit-exact)")
+    p.add_argument("--pipeline", default=None, metavar="PIPELINE",
+                   help="with --to diffusers: the WanPipeline folder the run's text encoder and "
+                   "VAE came from; OUT becomes a whole pipeline (its tokenizer, text encoder, "
+                   "VAE and scheduler, the run's transformer)")
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/export_TO)")
     p.add_argument("--overwrite", action="store_true", help="write over an earlier export in --out")
     p.add_argument("--raw", action="store_true", help="raw params instead of the EMA")

@@ -58,6 +58,13 @@ def encoder_folder(path: str, expected_sha: str = "") -> Path:
     return folder
 
 
+def tokenizer_sha256(folder: str | Path) -> str:
+    """SHA-256 of a tokenizer folder's vocabulary file (tokenizer.json, else spiece.model): what
+    index.json records as the encoder's `tokenizer_sha256`; "" when there is none."""
+    files = [Path(folder) / f for f in TOKENIZER_FILES if (Path(folder) / f).exists()]
+    return hashlib.sha256(files[0].read_bytes()).hexdigest() if files else ""
+
+
 class CaptionEncoder:
     """A loaded T5-family encoder that turns captions into rounded embeddings.
 
@@ -77,9 +84,7 @@ class CaptionEncoder:
         self.width = self.encoder.spec.d_model
 
     def tokenizer_sha256(self) -> str:
-        tok = self.encoder.tokenizer.path
-        files = [tok / f for f in TOKENIZER_FILES if (tok / f).exists()]
-        return hashlib.sha256(files[0].read_bytes()).hexdigest() if files else ""
+        return tokenizer_sha256(self.encoder.tokenizer.path)
 
     def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
         """-> (ids int32 [B, S], mask int32 [B, S], captions truncated)."""

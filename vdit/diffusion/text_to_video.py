@@ -90,7 +90,8 @@ class TextToVideo:
         flat = module.apply({"params": jax.lax.stop_gradient(stats["text_encoder"])},
                             ids.reshape(-1, s), mask.reshape(-1, s))
         emb = flat.reshape(*ids.shape, -1).astype(jnp.dtype(self.cfg.text.dtype))
-        return emb.astype(jnp.float32), mask
+        # Zero past the real tokens, as stored embeddings are (and as Wan's pipeline pads).
+        return jnp.where(mask[..., None], emb.astype(jnp.float32), 0.0), mask
 
     def null_text(self, like, stats: Stats):
         """The empty caption in the shape of `like` (tokens [B, S] or (emb, mask))."""
@@ -101,9 +102,16 @@ class TextToVideo:
                 jnp.broadcast_to(stats["null_mask"] > 0, mask.shape))
 
     def apply_dit(self, params, x, t, text, **kw) -> jax.Array:
-        """The DiT on a caption of either kind (see `batch_text`)."""
-        args = (text[0], jnp.asarray(text[1]).astype(bool)) if isinstance(text, tuple) else (
-            text,)
+        """The DiT on a caption of either kind (see `batch_text`). The Wan DiT gets no mask:
+        it attends to the caption's zero padding up to text.max_length, as diffusers'
+        WanPipeline feeds its transformer (which takes no mask), so a run exported to
+        diffusers (`vdit export --to diffusers`) computes there what it computed here."""
+        if not isinstance(text, tuple):
+            args = (text,)
+        elif self.cfg.model.kind == "wan":
+            args = (text[0],)
+        else:
+            args = (text[0], jnp.asarray(text[1]).astype(bool))
         return self.dit.apply({"params": params}, x, t, *args, **kw)
 
     # --- shapes and parameters -----------------------------------------------------------

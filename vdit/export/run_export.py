@@ -1,4 +1,4 @@
-"""`vdit export RUN_DIR --to safetensors | stablehlo | params`: a run leaves vdit."""
+"""`vdit export RUN_DIR --to safetensors | stablehlo | params | diffusers`: a run leaves vdit."""
 
 from __future__ import annotations
 
@@ -9,22 +9,29 @@ from vdit.io.checkpoint import Checkpointer
 from vdit.io.run_dir import check_output_dir
 from vdit.io.safetensors_io import seal, write_export
 
-ROUTES = ("safetensors", "stablehlo", "params")
+ROUTES = ("safetensors", "stablehlo", "params", "diffusers")
 
 
 def export_run(run_dir: str | Path, *, to: str = "safetensors", out: str | Path | None = None,
-               raw: bool = False, step: int | None = None, overwrite: bool = False) -> Path:
+               raw: bool = False, step: int | None = None, overwrite: bool = False,
+               dtype: str | None = None, pipeline: str | Path | None = None,
+               max_shard_bytes: int = 5 * 2 ** 30) -> Path:
     """Export the EMA (or raw) params and stats of a DiT or autoencoder run; returns the folder.
 
     safetensors: an autoencoder exports its VAE params (the discriminator stays behind); a DiT
     its params with the frozen autoencoder's inside `stats/autoencoder`. stablehlo: the same,
     plus the DiT's generation function as a serialized program. params: a param-only orbax
-    checkpoint, consolidated onto one host, that `vdit sample` restores anywhere.
+    checkpoint, consolidated onto one host, that `vdit sample` restores anywhere. diffusers: a
+    `model.kind: wan` run's transformer/ folder in `dtype` (float32 by default), or with
+    `pipeline` a whole WanPipeline folder (vdit/export/diffusers.py); any other run is refused.
 
     A non-empty `out` (an earlier export) is refused unless `overwrite`; then the export's files
     are written over, and nothing else in `out` is touched."""
     if to not in ROUTES:
         raise ValueError(f"--to {to!r}; allowed: {', '.join(ROUTES)}")
+    if to != "diffusers" and (dtype is not None or pipeline is not None):
+        raise config_lib.ConfigError(f"--dtype and --pipeline go with --to diffusers, not "
+                                     f"--to {to}")
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
         raise FileNotFoundError(f"{run_dir} is not a vdit run directory (no config.yaml)")
@@ -33,6 +40,11 @@ def export_run(run_dir: str | Path, *, to: str = "safetensors", out: str | Path 
         raise config_lib.ConfigError(f"{out} is not empty (an earlier export?); choose another "
                                      "--out, or pass --overwrite to write over it")
     cfg = config_lib.load_config(run_dir / "config.yaml")
+    if to == "diffusers":
+        from vdit.export.diffusers import export_diffusers
+
+        return export_diffusers(run_dir, cfg, out, raw=raw, step=step, dtype=dtype or "float32",
+                                pipeline=pipeline, max_shard_bytes=max_shard_bytes)
     ckpt = Checkpointer(run_dir / "checkpoints", async_save=False)
     state, meta = ckpt.restore_raw(step)
     ckpt.close()

@@ -384,7 +384,10 @@ def write_folder(out: str | Path, spec: WanTransformerSpec, params: dict[str, An
         value = np.asarray(flat[key])
         for i in range(spec.model.depth if leaf.stacked else 1):
             layer = value[i] if leaf.stacked else value
-            tensors[leaf.name.format(i=i)] = to_torch(leaf, layer).astype(np_dtype)
+            # C order: safetensors writes an array's buffer as it lies in memory, so a
+            # transposed or Fortran-ordered view would be stored scrambled, silently.
+            tensors[leaf.name.format(i=i)] = np.ascontiguousarray(
+                to_torch(leaf, layer).astype(np_dtype))
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for name in sorted(tensors):

@@ -87,10 +87,29 @@ def continue_videos(system: TextToVideo, params, stats: Stats, contexts: np.ndar
     check_context_frames(system.cfg, k)
     if len(prompts) != len(contexts):
         raise ValueError(f"{len(prompts)} prompts for {len(contexts)} contexts")
-    tokens = np.stack([system.tokenizer.encode(p) for p in prompts])
+    tokens = _captions(system, tuple(prompts))
     encode, run = _compiled(system, cfg)
     latent = encode(np.asarray(contexts, np.uint8), stats)[:, :k]
     return np.asarray(run(params, tokens, stats, key, context=latent))
+
+
+def _captions(system: TextToVideo, prompts: tuple[str, ...]):
+    """The prompts as the DiT takes them: word tokens [B, S], or for a run with a pretrained
+    text encoder (every `model.kind: wan` run has one) its embeddings and mask, from the encoder
+    the run names (checked against text.checkpoint_sha256)."""
+    if not system.embedded:
+        return np.stack([system.tokenizer.encode(p) for p in prompts])
+    t = system.cfg.text
+    return _caption_encoder(t.checkpoint, t.max_length, t.dtype,
+                            t.checkpoint_sha256).conditioning(list(prompts))
+
+
+@functools.lru_cache(maxsize=1)
+def _caption_encoder(path: str, max_length: int, dtype: str, sha: str):
+    """One loaded encoder for the splits and clips of an evaluation."""
+    from vdit.data.captions import CaptionEncoder
+
+    return CaptionEncoder(path, max_length, dtype, sha)
 
 
 @functools.lru_cache(maxsize=4)

@@ -207,9 +207,6 @@ def sample_run(cfg: Config, system: TextToVideo, params, stats: Stats, out_dir: 
     seed = cfg.sample.seed if seed is None else seed
     if not overwrite:  # checked before the (long) generation
         check_unused(Path(out_dir), prompts, num, seed)
-    if context is not None and system.embedded:
-        raise ConfigError("--context: continuation reads word-tokenizer captions; this run uses "
-                          f"text.encoder '{cfg.text.encoder}'")
     rewrites = None
     if rewrite is not None:  # before anything is generated; a failure may stop here
         from vdit.sample.rewrite import rewrite_prompts, token_budget
