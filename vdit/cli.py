@@ -169,7 +169,18 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
     if args.videos and not Path(args.videos).is_dir():
         raise ConfigError(f"--videos: {args.videos} is not a folder")
     cfg = load_from_command_line(args.config, args.overrides)
-    if args.text_encoder:  # captions through a pretrained encoder, stored as embeddings
+    pipeline = None
+    if args.pipeline:  # its VAE and UMT5, captions padded to 512 as the pipeline pads them
+        from vdit.data.tokenize import pipeline_config
+        from vdit.io.wan_pipeline import resolve_pipeline
+
+        if args.text_encoder:
+            raise ConfigError("--pipeline names the text encoder (its text_encoder/); drop "
+                              "--text-encoder")
+        pipeline = resolve_pipeline(args.pipeline)
+        given = any(o.split("=", 1)[0] == "text.max_length" for o in args.overrides)
+        cfg = pipeline_config(cfg, pipeline, cfg.text.max_length if given else None)
+    elif args.text_encoder:  # captions through a pretrained encoder, stored as embeddings
         import dataclasses
 
         encoder = "precomputed" if cfg.text.encoder == "transformer" else cfg.text.encoder
@@ -197,7 +208,7 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
         source = sources.PhysicsSource(cfg.data.world, cfg.data.seed, args.physics)
         what = {"source": "physics", "num_clips": args.physics, "seed": cfg.data.seed}
     opts = TokenizeOptions(Path(args.out), buckets, args.fps, args.shard_size, args.batch,
-                           args.dtype, args.process, args.processes, what)
+                           args.dtype, args.process, args.processes, what, pipeline)
     tokenize(source, cfg, opts)
     return 0
 
@@ -326,6 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a T5-family Hugging Face folder: store each caption's embeddings "
                    "(text.dtype) for text.encoder=precomputed (default: the config's "
                    "text.checkpoint when text.encoder is t5 or precomputed)")
+    p.add_argument("--pipeline", default=None, metavar="PATH",
+                   help="a diffusers WanPipeline folder: encode with its VAE (vae/) and store "
+                   "captions of its UMT5 (text_encoder/ + tokenizer/) at text.max_length 512, "
+                   "as the pipeline pads them (docs/fine-tuning.md); buckets must fit its VAE "
+                   "and patch")
     p.add_argument("--license", default="unknown", help="licence of inputs that name none")
     p.add_argument("--process", type=NON_NEGATIVE, default=0, help="this process's number")
     p.add_argument("--processes", type=POSITIVE, default=1, help="processes sharing the work")

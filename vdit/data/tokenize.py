@@ -5,6 +5,13 @@
     caption -> word tokens, or (text.encoder t5 / precomputed, `text.checkpoint`) T5 token
       ids and embeddings in jitted batches (vdit/data/captions.py), real tokens only
 
+`--pipeline PATH` (a diffusers WanPipeline folder, read once into a PipelineSpec) is that
+pipeline's VAE (`autoencoder.kind: wan` on vae/; training normalises with its latents_mean /
+latents_std) and its UMT5 (text_encoder/ + tokenizer/) in one flag (`pipeline_config`), with
+text.max_length 512: Wan's pipeline zero-pads its captions to 512 tokens and its transformer
+attends to that padding, so a run reading these shards (padded by the reader) computes what
+the pipeline does. Buckets must fit the pipeline's models (`PipelineSpec.clip_problems`).
+
 Inputs are split into shards of `shard_size` consecutive items; process p of n owns the shards
 with index % n == p, skips the ones already written (resume), and whoever finds every shard
 written assembles `index.json`. An input that cannot become a clip is skipped and counted by
@@ -40,6 +47,7 @@ from vdit.data.shards import (
     write_shard,
 )
 from vdit.io.atomic import write_text
+from vdit.io.wan_pipeline import RECIPE, PipelineSpec
 from vdit.models.autoencoder import make_autoencoder
 
 log = logging.getLogger(__name__)
@@ -56,6 +64,7 @@ class TokenizeOptions:
     process: int = 0
     processes: int = 1
     info: dict = field(default_factory=dict)  # extra index.json fields (source description)
+    pipeline: PipelineSpec | None = None  # --pipeline: the WanPipeline the shards are for
     # Filled in: seconds and counts of this process's encoding (clips, autoencoder_s,
     # captions, text_s), for the report and tools/bench_text.py.
     timings: Counter = field(default_factory=Counter)
@@ -64,6 +73,40 @@ class TokenizeOptions:
         if not 0 <= self.process < self.processes:
             raise ConfigError(f"tokenize: process {self.process} of {self.processes}: the "
                               f"process number must be in 0..{self.processes - 1}")
+
+
+PIPELINE_TEXT_LENGTH = RECIPE["max_sequence_length"]  # WanPipeline's caption padding: 512
+
+
+def pipeline_config(cfg: Config, spec: PipelineSpec, max_length: int | None = None) -> Config:
+    """`cfg` with the autoencoder and text sections of `vdit tokenize --pipeline`: the spec's
+    Wan VAE (kind wan, its factors and z_dim) and UMT5 (text.encoder precomputed, or t5 when the
+    config says t5; its width) at `max_length` tokens (None: 512, the pipeline's padding)."""
+    ae = dataclasses.replace(cfg.autoencoder, kind="wan", checkpoint=str(spec.vae),
+                             factors=spec.vae_factors,
+                             latent_channels=spec.transformer.in_channels)
+    text = dataclasses.replace(
+        cfg.text, encoder="t5" if cfg.text.encoder == "t5" else "precomputed",
+        checkpoint=str(spec.text_encoder), checkpoint_sha256="", width=spec.transformer.text_dim,
+        max_length=max_length or PIPELINE_TEXT_LENGTH)
+    return dataclasses.replace(cfg, autoencoder=ae, text=text)
+
+
+def check_buckets(spec: PipelineSpec, buckets: list[Bucket]) -> None:
+    """Refuse, naming each, the buckets the pipeline's VAE and transformer cannot take."""
+    bad = [f"{'x'.join(map(str, b))}: " + "; ".join(p) for b in buckets
+           if (p := spec.clip_problems(*b))]
+    if bad:
+        raise ConfigError(f"--buckets: {len(bad)} bucket(s) do not fit the pipeline {spec.path} "
+                          "(frames 1 + 4k, sizes multiples of the VAE factor x patch):\n  "
+                          + "\n  ".join(bad))
+
+
+def pipeline_record(spec: PipelineSpec) -> dict:
+    """The pipeline's entry in index.json: its folder, experts' boundary, VAE factors, patch."""
+    return {"path": str(spec.path.resolve()), "boundary_ratio": spec.boundary_ratio,
+            "experts": len(spec.expert_folders()), "vae_factors": list(spec.vae_factors),
+            "patch": list(spec.transformer.model.patch)}
 
 
 class BatchEncoder:
@@ -177,7 +220,8 @@ def settings(cfg: Config, opts: TokenizeOptions, captions=None) -> dict:
            "fps": opts.fps, "latent_dtype": opts.dtype, "shard_size": opts.shard_size,
            "autoencoder": {k: getattr(cfg.autoencoder, k) for k in
                            ("kind", "factors", "latent_channels", "checkpoint")},
-           "text_max_length": cfg.text.max_length, "text_encoder": None}
+           "text_max_length": cfg.text.max_length, "text_encoder": None,
+           "pipeline": None if opts.pipeline is None else str(opts.pipeline.path.resolve())}
     if opts.info.get("source") == "physics":
         out["world"] = dataclasses.asdict(cfg.data.world)
     if captions is not None:
@@ -212,6 +256,8 @@ def tokenize(source, cfg: Config, opts: TokenizeOptions, *, log_fn=print) -> dic
     names = [shard_name(i, num_shards) for i in range(num_shards)]
     mine = [i for i in range(num_shards) if i % opts.processes == opts.process]
     todo = [i for i in mine if not shard_done(opts.out, names[i])]
+    if opts.pipeline is not None:
+        check_buckets(opts.pipeline, opts.buckets)
     log_fn(f"tokenize: {len(source)} inputs in {num_shards} shards; process {opts.process}/"
            f"{opts.processes} owns {len(mine)}, {len(mine) - len(todo)} already written")
     captions = None
@@ -242,6 +288,8 @@ def tokenize(source, cfg: Config, opts: TokenizeOptions, *, log_fn=print) -> dic
             "text_max_length": cfg.text.max_length, **opts.info}
     if captions is not None:
         info["text_encoder"] = captions.record()
+    if opts.pipeline is not None:
+        info["pipeline"] = pipeline_record(opts.pipeline)
     index = write_index(opts.out, names, info)
     log_fn(report(index, opts.timings))
     return index

@@ -60,6 +60,26 @@ class PipelineSpec:
     def vae(self) -> Path:
         return self.path / "vae"
 
+    @property
+    def vae_factors(self) -> tuple[int, int, int]:
+        """The VAE's (time, height, width) factors (Wan 2.1: 4 x 8 x 8, Wan 2.2: 4 x 16 x 16)."""
+        fs = int(self.vae_config.get("scale_factor_spatial", 8))
+        return int(self.vae_config.get("scale_factor_temporal", 4)), fs, fs
+
+    def clip_problems(self, frames: int, height: int, width: int) -> list[str]:
+        """What keeps a clip of this size from the pipeline's models: frames must be 1 + ft k
+        (the causal VAE), height and width multiples of the VAE factor x the transformer's
+        patch (Wan 2.1: 8 x 2 = 16; the Wan 2.2 VAE: 16 x 2 = 32)."""
+        ft, fh, fw = self.vae_factors
+        _, ph, pw = self.transformer.model.patch
+        out = []
+        if frames < 1 or (frames - 1) % ft:
+            out.append(f"{frames} frames are not 1 + {ft}k")
+        for name, size, f, p in (("height", height, fh, ph), ("width", width, fw, pw)):
+            if size < 1 or size % (f * p):
+                out.append(f"{name} {size} is not a multiple of {f * p} (VAE {f} x patch {p})")
+        return out
+
     def expert_folders(self) -> list[Path]:
         return [self.path / "transformer"] + (
             [self.path / "transformer_2"] if self.transformer_2 is not None else [])
