@@ -328,6 +328,9 @@ class TrainConfig:
     async_checkpoint: bool = True
     tensorboard: bool = True
     sample_at_end: bool = True
+    # Validation samples every N steps (0: off) from the sample section's prompts, seed and
+    # settings: RUN/samples/step_N and TensorBoard (vdit/train/validation.py).
+    sample_every: int = 0
     max_bad_steps: int = 10  # consecutive non-finite steps (skipped) before the run stops
     microbatches: int = 1  # gradient accumulation: the batch is cut into this many slices
 
@@ -339,8 +342,9 @@ class TrainConfig:
         if self.microbatches > 0 and self.batch_size % self.microbatches:
             problems.append(f"microbatches: {self.microbatches} does not divide batch_size "
                             f"{self.batch_size}")
-        if self.warmup_steps < 0:
-            problems.append(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+        for name in ("warmup_steps", "sample_every"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name}: must be >= 0, got {getattr(self, name)}")
         for name in ("min_lr_ratio", "ema_decay", "b1", "b2"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name}: must be in [0, 1], got {getattr(self, name)}")

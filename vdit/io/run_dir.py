@@ -22,7 +22,8 @@ from vdit.io.safetensors_io import ExportError, flat_leaves, is_export, read_exp
 RESUMABLE_KEYS = (
     "train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
     "train.keep_checkpoints", "train.async_checkpoint", "train.tensorboard",
-    "train.sample_at_end", "train.max_bad_steps", "data.prefetch", "mesh.", "sample.",
+    "train.sample_at_end", "train.sample_every", "train.max_bad_steps", "data.prefetch", "mesh.",
+    "sample.",
 )
 
 

@@ -48,6 +48,60 @@ def params_hash(params) -> str:
     return h.hexdigest()
 
 
+class Sampler:
+    """The jitted sampler (ODE with guidance, then decode) of `system` at `cfg`'s steps,
+    guidance and method, and for a run with a pretrained text encoder that encoder (the run's
+    text.checkpoint, checked against text.checkpoint_sha256), both built once: `generate` makes
+    one per call, a training run (train.sample_every) one for the whole run, so every call with
+    the same shapes reuses one compiled program. `out_shardings` (training: replicated) lets
+    every process of a multi-host run read the videos."""
+
+    def __init__(self, system: TextToVideo, cfg: SampleConfig, out_shardings=None):
+        self.system = system
+        self.run = jax.jit(partial(system.generate, steps=cfg.steps, guidance=cfg.guidance,
+                                   method=cfg.sampler), out_shardings=out_shardings)
+        self.encoder = None
+        if system.embedded:
+            from vdit.data.captions import CaptionEncoder
+
+            t = system.cfg.text
+            self.encoder = CaptionEncoder(t.checkpoint, t.max_length, t.dtype,
+                                          t.checkpoint_sha256)
+
+    def conditioning(self, prompts: list[str], num: int,
+                     negative_prompt: str | None = None) -> list[dict]:
+        """Each prompt's caption repeated `num` times, as the sampler takes it: word tokens, or
+        the encoder's (embeddings, mask) with the `negative_prompt`'s (default: the empty
+        caption) as `uncond`. Fixed prompts are encoded once and sampled many times."""
+        def rows(x):
+            return np.repeat(x, num, axis=0)
+
+        if self.encoder is None:
+            if negative_prompt is not None:
+                raise ConfigError("--negative-prompt needs a run with a pretrained text encoder "
+                                  "(text.encoder t5 or precomputed)")
+            tokenizer = self.system.tokenizer
+            for p in prompts:
+                unknown = tokenizer.unknown_words(p)
+                if unknown:
+                    warnings.warn(f"prompt {p!r}: words outside the vocabulary are ignored: "
+                                  f"{unknown}", stacklevel=3)
+            return [{"tokens": rows(tokenizer.encode(p)[None])} for p in prompts]
+        uncond = tuple(rows(x) for x in self.encoder.conditioning([negative_prompt or ""]))
+        return [{"tokens": tuple(rows(x) for x in self.encoder.conditioning([p])),
+                 "uncond": uncond} for p in prompts]
+
+    def __call__(self, params, stats: Stats, conditioning: list[dict], seed: int) -> np.ndarray:
+        """uint8 [len(conditioning) * num, T, H, W, 3], prompt-major; prompt i uses key
+        fold_in(key(seed), i), whatever else the caller's program holds."""
+        videos = []
+        for i, cond in enumerate(conditioning):
+            key = jax.random.fold_in(jax.random.key(seed), i)
+            videos.append(np.asarray(self.run(params, cond["tokens"], stats, key,
+                                              uncond=cond.get("uncond"))))
+        return np.concatenate(videos)
+
+
 def generate(system: TextToVideo, params, stats: Stats, prompts: list[str], *, num: int,
              seed: int, cfg: SampleConfig, negative_prompt: str | None = None) -> np.ndarray:
     """`num` videos per prompt -> uint8 [len(prompts) * num, T, H, W, 3], prompt-major.
@@ -56,44 +110,8 @@ def generate(system: TextToVideo, params, stats: Stats, prompts: list[str], *, n
     A run with a pretrained text encoder runs it (the run's text.checkpoint, checked against
     text.checkpoint_sha256) on each prompt and on `negative_prompt` (default: the empty one).
     """
-    if system.embedded:
-        return _generate_embedded(system, params, stats, prompts, num=num, seed=seed, cfg=cfg,
-                                  negative_prompt=negative_prompt)
-    if negative_prompt is not None:
-        raise ConfigError("--negative-prompt needs a run with a pretrained text encoder "
-                          "(text.encoder t5 or precomputed)")
-    for p in prompts:
-        unknown = system.tokenizer.unknown_words(p)
-        if unknown:
-            warnings.warn(f"prompt {p!r}: words outside the vocabulary are ignored: {unknown}",
-                          stacklevel=2)
-    run = jax.jit(partial(system.generate, steps=cfg.steps, guidance=cfg.guidance,
-                          method=cfg.sampler))
-    videos = []
-    for i, prompt in enumerate(prompts):
-        tokens = np.repeat(system.tokenizer.encode(prompt)[None], num, axis=0)
-        key = jax.random.fold_in(jax.random.key(seed), i)
-        videos.append(np.asarray(run(params, tokens, stats, key)))
-    return np.concatenate(videos)
-
-
-def _generate_embedded(system: TextToVideo, params, stats: Stats, prompts: list[str], *,
-                       num: int, seed: int, cfg: SampleConfig,
-                       negative_prompt: str | None) -> np.ndarray:
-    from vdit.data.captions import CaptionEncoder
-
-    t = system.cfg.text
-    encoder = CaptionEncoder(t.checkpoint, t.max_length, t.dtype, t.checkpoint_sha256)
-    run = jax.jit(partial(system.generate, steps=cfg.steps, guidance=cfg.guidance,
-                          method=cfg.sampler))
-    uncond = encoder.conditioning([negative_prompt or ""])
-    uncond = tuple(np.repeat(x, num, axis=0) for x in uncond)
-    videos = []
-    for i, prompt in enumerate(prompts):
-        text = tuple(np.repeat(x, num, axis=0) for x in encoder.conditioning([prompt]))
-        key = jax.random.fold_in(jax.random.key(seed), i)
-        videos.append(np.asarray(run(params, text, stats, key, uncond=uncond)))
-    return np.concatenate(videos)
+    sampler = Sampler(system, cfg)
+    return sampler(params, stats, sampler.conditioning(prompts, num, negative_prompt), seed)
 
 
 def _slug(text: str, limit: int = 40) -> str:

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from vdit.config import Config, to_dict
+from vdit.config import Config, ConfigError, to_dict
 from vdit.data.physics import physics_tokenizer
 from vdit.data.pipeline import fixed_batch, train_iterator
 from vdit.io.checkpoint import Checkpointer
@@ -61,6 +61,13 @@ def _summarise(system: System, records: list[dict], run_dir: Path, log) -> dict:
     return summary
 
 
+def _validation_samples(samples, step: int, state: TrainState, log) -> None:
+    t0 = time.perf_counter()
+    out = samples.write(step, state)
+    if out is not None:
+        log(f"step {step}: validation samples in {time.perf_counter() - t0:.1f} s -> {out}")
+
+
 def train(cfg: Config, *, system: System | None = None, log=print) -> dict:
     """Train `system` (default: the text-to-video DiT), resuming from the run's latest
     checkpoint if there is one; returns a summary."""
@@ -93,13 +100,24 @@ def train(cfg: Config, *, system: System | None = None, log=print) -> dict:
         stats_fn = jax.jit(system.latent_stats, out_shardings=jax.tree.map(
             lambda x: x.sharding, trainer.state.stats))
     writer = MetricsWriter(run_dir, tc.tensorboard, enabled=primary)
+    samples = None
+    if tc.sample_every:
+        if system.kind != "dit":
+            raise ConfigError("train.sample_every: validation samples are for DiT runs (vdit "
+                              "train); set it to 0 (an autoencoder run writes "
+                              "reconstructions.gif at the end)")
+        from vdit.train.validation import ValidationSamples
+
+        samples = ValidationSamples(cfg, system, trainer.mesh, writer, primary)
+        log(samples.describe())
 
     with trainer.context(), PreemptionWatch() as watch:
-        start = 0
+        start, sampled = 0, -1  # sampled: the last step whose validation samples were made
         if ckpt.latest_step() is not None:
             state, meta = ckpt.restore(state, log=log)
             data_iter.set_state(meta["data_iterator"])
             start = int(state.step)
+            sampled = meta.get("samples_through", start)
             log(f"resumed {run_dir} at step {start}")
 
         guard = NonFiniteGuard(tc.max_bad_steps)
@@ -152,10 +170,13 @@ def train(cfg: Config, *, system: System | None = None, log=print) -> dict:
             ev = _evaluate(eval_fn, state, eval_batch, eval_key)
             writer.write(0, ev)
             log(f"step 0: {_describe(system, ev)}")
+        if samples is not None and samples.due(start) and sampled < start:
+            _validation_samples(samples, start, state, log)
+            sampled = start
 
         def meta() -> dict:
             return {"data_iterator": data_iter.get_state(), "config": to_dict(cfg),
-                    "system": system.kind}
+                    "system": system.kind, "samples_through": sampled}
 
         pbar = tqdm(total=tc.steps, initial=start, desc="train", dynamic_ncols=True,
                     mininterval=1.0, disable=not primary)
@@ -205,6 +226,13 @@ def train(cfg: Config, *, system: System | None = None, log=print) -> dict:
                 window_t += time.perf_counter() - eval_start
             if watch.requested(done):
                 preempted = done
+            # Not when stopping: a resumed run samples this step (checkpoints' samples_through).
+            if samples is not None and samples.due(done) and not (preempted or stop_reason):
+                jax.block_until_ready(state)  # this step's time stays in the window
+                sample_start = time.perf_counter()
+                _validation_samples(samples, done, state, pbar.write)
+                sampled = done
+                window_t += time.perf_counter() - sample_start  # kept out of step time
             if (done % tc.checkpoint_every == 0 or done == tc.steps or preempted
                     or stop_reason):
                 align_processes("checkpoint")

@@ -43,6 +43,11 @@ class MetricsWriter:
                 if k != "step" and isinstance(v, int | float) and math.isfinite(v):
                     self.tb.add_scalar(k, v, step)
 
+    def image(self, step: int, tag: str, image: Any) -> None:
+        """A uint8 [H, W, 3] image to TensorBoard under `tag` at `step` (when it is on)."""
+        if self.enabled and self.tb is not None:
+            self.tb.add_image(tag, image, int(step), dataformats="HWC")
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
