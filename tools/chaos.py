@@ -2,6 +2,7 @@
 end bit-identical to an uninterrupted run?
 
     python tools/chaos.py --runs 10 --steps 30
+    python tools/chaos.py --runs 3 --steps 12 --set train.lora.rank=4   # a LoRA run
 
 Each run trains a tiny DiT in a subprocess (asynchronous checkpoints every few steps, so kills
 land during saves too). It is SIGKILLed a random delay (under two step times) after
@@ -42,12 +43,21 @@ TINY = {
 }
 
 
-def _config(run_dir: Path, steps: int, every: int) -> Path:
-    cfg = json.loads(json.dumps(TINY))
+def _config(run_dir: Path, steps: int, every: int, overrides: list[str]) -> Path:
+    """TINY with `--set` overrides (e.g. train.lora.rank=4), then this run's keys."""
+    from vdit.config import parse_overrides
+
+    cfg = _merge(json.loads(json.dumps(TINY)), parse_overrides(overrides))
     cfg["train"].update(run_dir=str(run_dir), steps=steps, checkpoint_every=every)
     path = run_dir.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    for k, v in extra.items():
+        base[k] = _merge(base.get(k, {}), v) if isinstance(v, dict) else v
+    return base
 
 
 def _train(config: Path, log: Path) -> subprocess.Popen:
@@ -153,6 +163,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rekill", type=float, default=0.5,
                         help="chance of killing the resumed run again in its first steps")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every run, repeatable: e.g. "
+                        "--set train.lora.rank=4 checks a LoRA run (docs/fine-tuning.md)")
     args = parser.parse_args()
     if args.steps < 4:
         parser.error("--steps: need at least 4 (a kill waits for a step before the last two)")
@@ -162,7 +175,8 @@ def main() -> int:
 
     base = root / "uninterrupted"
     t0 = time.perf_counter()
-    proc = _train(_config(base, args.steps, args.checkpoint_every), root / "uninterrupted.log")
+    proc = _train(_config(base, args.steps, args.checkpoint_every, args.set),
+                  root / "uninterrupted.log")
     if proc.wait() != 0:
         sys.exit(f"the uninterrupted run failed; see {root / 'uninterrupted.log'}")
     duration = time.perf_counter() - t0
@@ -180,7 +194,7 @@ def main() -> int:
     last_target = args.steps - 3
     for i in range(args.runs):
         run = root / f"run{i}"
-        config = _config(run, args.steps, args.checkpoint_every)
+        config = _config(run, args.steps, args.checkpoint_every, args.set)
         log = root / f"run{i}.log"
         rows, start_step, ok = [], 0, True
         for attempt in range(2):

@@ -111,7 +111,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from vdit.export.run_export import export_run
 
     out = export_run(args.run_dir, to=args.to, out=args.out, raw=args.raw, step=args.step,
-                     overwrite=args.overwrite, dtype=args.dtype, pipeline=args.pipeline)
+                     overwrite=args.overwrite, dtype=args.dtype, pipeline=args.pipeline,
+                     lora_format=args.format, merge=args.merge)
     print(out)
     return 0
 
@@ -269,12 +270,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a run: safetensors, a StableHLO sampler, a "
                        "param-only checkpoint, or diffusers folders (model.kind wan)")
     p.add_argument("run_dir")
-    p.add_argument("--to", choices=["safetensors", "stablehlo", "params", "diffusers"],
+    p.add_argument("--to", choices=["safetensors", "stablehlo", "params", "diffusers", "lora"],
                    default="safetensors",
                    help="safetensors: weights + config.json; stablehlo: also the generation "
                    "function (jax.export, cpu/cuda/tpu); params: a param-only orbax checkpoint "
                    "on one host; diffusers: a model.kind wan run's transformer/ folder "
-                   "(WanTransformer3DModel.from_pretrained), docs/export-diffusers.md")
+                   "(WanTransformer3DModel.from_pretrained), docs/export-diffusers.md; lora: a "
+                   "LoRA run's adapters as one .safetensors (docs/fine-tuning.md)")
+    p.add_argument("--format", choices=["diffusers", "comfyui"], default=None,
+                   help="with --to lora: PEFT names for WanPipeline.load_lora_weights "
+                   "(default), or ComfyUI / musubi-tuner names")
+    p.add_argument("--merge", action="store_true", help="with --to lora: a diffusers "
+                   "transformer folder with the LoRA folded in, instead of the LoRA file")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="with --to diffusers: the tensors' dtype (default float32, bit-exact)")
     p.add_argument("--pipeline", default=None, metavar="PIPELINE",

@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from vdit.config.fine_tune import LoraConfig
 from vdit.config.world import WorldConfig
 from vdit.parallel.rules import MESH_AXES, RULE_TABLES, axes_used, get_rules
 
@@ -333,12 +334,18 @@ class TrainConfig:
     sample_every: int = 0
     max_bad_steps: int = 10  # consecutive non-finite steps (skipped) before the run stops
     microbatches: int = 1  # gradient accumulation: the batch is cut into this many slices
+    # The DiT's starting weights (docs/fine-tuning.md): a diffusers Wan transformer or
+    # WanPipeline folder, a vdit run directory or export; "" a fresh init. Read at the first
+    # start only: a resume takes everything from its checkpoint.
+    init_from: str = ""
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def validate(self) -> list[str]:
         problems = _positive(
             self, "steps", "batch_size", "lr", "log_every", "eval_every", "checkpoint_every",
             "keep_checkpoints", "grad_clip", "max_bad_steps", "microbatches",
         )
+        problems += [f"lora.{p}" for p in self.lora.validate()]
         if self.microbatches > 0 and self.batch_size % self.microbatches:
             problems.append(f"microbatches: {self.microbatches} does not divide batch_size "
                             f"{self.batch_size}")

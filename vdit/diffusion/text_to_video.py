@@ -25,6 +25,7 @@ from vdit.data.physics import physics_tokenizer
 from vdit.diffusion.flow import noisy, resolve_shift, sample_time, velocity_loss
 from vdit.diffusion.sampler import sample_ode
 from vdit.io.autoencoders import build_autoencoder
+from vdit.models import lora
 from vdit.models.dit import DiT
 from vdit.models.patch import token_grid
 from vdit.models.text import null_tokens_like
@@ -112,6 +113,8 @@ class TextToVideo:
             args = (text[0],)
         else:
             args = (text[0], jnp.asarray(text[1]).astype(bool))
+        if isinstance(params, lora.Adapted):  # a LoRA run (diffusion/lora_system.py)
+            return params.apply(self.dit, x, t, *args, **kw)
         return self.dit.apply({"params": params}, x, t, *args, **kw)
 
     # --- shapes and parameters -----------------------------------------------------------
@@ -128,6 +131,10 @@ class TextToVideo:
     def init(self, key: jax.Array):
         """Boxed (logically partitioned) variables of the DiT."""
         return self.dit.init(key, *self.dummy_inputs())
+
+    def sharded_stats(self) -> dict[str, Any]:
+        """Stats sharded like params: none here (a LoRA run's frozen base, lora_system.py)."""
+        return {}
 
     # --- latents ---------------------------------------------------------------------------
     def initial_stats(self, videos: np.ndarray) -> Stats:

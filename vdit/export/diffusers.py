@@ -227,7 +227,10 @@ def export_diffusers(run_dir: Path, cfg: Config, out: Path, *, raw: bool = False
         raise ConfigError(f"--to diffusers: {run_dir} is an autoencoder run, not a DiT run")
     if source is not None:  # the VAE against the frozen weights the checkpoint carries
         refuse(source, vae_problems(source.vae, cfg, state["stats"]))
-    write_transformer(out / "transformer", cfg, state["params"] if raw else state["ema_params"],
+    from vdit.io.run_dir import fold_lora
+
+    params, _ = fold_lora(cfg, state["params"] if raw else state["ema_params"], state["stats"])
+    write_transformer(out / "transformer", cfg, params,  # a LoRA run: folded into its base
                       dtype=dtype, max_shard_bytes=max_shard_bytes)
     t = cfg.text
     info = {"vdit_version": __version__, "run": str(run_dir.resolve()),

@@ -1,4 +1,5 @@
-"""`vdit export RUN_DIR --to safetensors | stablehlo | params | diffusers`: a run leaves vdit."""
+"""`vdit export RUN_DIR --to safetensors | stablehlo | params | diffusers | lora`: a run leaves
+vdit."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ from vdit.io.checkpoint import Checkpointer
 from vdit.io.run_dir import check_output_dir
 from vdit.io.safetensors_io import seal, write_export
 
-ROUTES = ("safetensors", "stablehlo", "params", "diffusers")
+ROUTES = ("safetensors", "stablehlo", "params", "diffusers", "lora")
 
 
 def export_run(run_dir: str | Path, *, to: str = "safetensors", out: str | Path | None = None,
                raw: bool = False, step: int | None = None, overwrite: bool = False,
                dtype: str | None = None, pipeline: str | Path | None = None,
-               max_shard_bytes: int = 5 * 2 ** 30) -> Path:
+               max_shard_bytes: int = 5 * 2 ** 30, lora_format: str | None = None,
+               merge: bool = False) -> Path:
     """Export the EMA (or raw) params and stats of a DiT or autoencoder run; returns the folder.
 
     safetensors: an autoencoder exports its VAE params (the discriminator stays behind); a DiT
@@ -24,14 +26,19 @@ def export_run(run_dir: str | Path, *, to: str = "safetensors", out: str | Path 
     checkpoint, consolidated onto one host, that `vdit sample` restores anywhere. diffusers: a
     `model.kind: wan` run's transformer/ folder in `dtype` (float32 by default), or with
     `pipeline` a whole WanPipeline folder (vdit/export/diffusers.py); any other run is refused.
+    lora: a LoRA run's adapters as one .safetensors in `lora_format` (diffusers | comfyui), or
+    with `merge` a diffusers transformer folder with them folded in (vdit/export/lora.py).
 
     A non-empty `out` (an earlier export) is refused unless `overwrite`; then the export's files
     are written over, and nothing else in `out` is touched."""
     if to not in ROUTES:
         raise ValueError(f"--to {to!r}; allowed: {', '.join(ROUTES)}")
-    if to != "diffusers" and (dtype is not None or pipeline is not None):
+    merged = to == "diffusers" or (to == "lora" and merge)
+    if not merged and (dtype is not None or pipeline is not None):
         raise config_lib.ConfigError(f"--dtype and --pipeline go with --to diffusers, not "
-                                     f"--to {to}")
+                                     f"--to {to}" + " without --merge" * (to == "lora"))
+    if to != "lora" and (lora_format is not None or merge):
+        raise config_lib.ConfigError(f"--format and --merge go with --to lora, not --to {to}")
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
         raise FileNotFoundError(f"{run_dir} is not a vdit run directory (no config.yaml)")
@@ -40,6 +47,12 @@ def export_run(run_dir: str | Path, *, to: str = "safetensors", out: str | Path 
         raise config_lib.ConfigError(f"{out} is not empty (an earlier export?); choose another "
                                      "--out, or pass --overwrite to write over it")
     cfg = config_lib.load_config(run_dir / "config.yaml")
+    if to == "lora":
+        from vdit.export.lora import export_lora
+
+        return export_lora(run_dir, cfg, out, fmt=lora_format or "diffusers", raw=raw, step=step,
+                           merge=merge, dtype=dtype or "float32", pipeline=pipeline,
+                           max_shard_bytes=max_shard_bytes)
     if to == "diffusers":
         from vdit.export.diffusers import export_diffusers
 

@@ -74,14 +74,15 @@ def load_dit_weights(path: str | Path, step: int | None = None,
                      raw: bool = False) -> tuple[Config, dict, dict, int]:
     """(config, params, stats, step) of a DiT run directory (EMA params unless `raw`; the
     newest readable checkpoint unless `step`), a safetensors export or a param-only checkpoint
-    (which hold the params they were made with). Arrays come back whole, on one device."""
+    (which hold the params they were made with). Arrays come back whole, on one device; a
+    LoRA run's (or export's) with its adapters folded into its base (`fold_lora`)."""
     path = Path(path)
     if is_export(path) or is_params_checkpoint(path):
         tensors, info = read_export(path) if is_export(path) else load_params(path)
         if info.get("kind") != "dit":
             raise ConfigError(f"{path} exports a {info.get('kind')!r}, not a text-to-video DiT")
         cfg = config_lib.from_dict(info["config"])
-        return cfg, tensors["params"], tensors["stats"], int(info["step"])
+        return (cfg, *fold_lora(cfg, tensors["params"], tensors["stats"]), int(info["step"]))
     cfg = run_config(path)
     ckpt = Checkpointer(path / "checkpoints", async_save=False)
     if ckpt.latest_step() is None:
@@ -91,7 +92,21 @@ def load_dit_weights(path: str | Path, step: int | None = None,
     if "vae" in state["params"]:
         raise ConfigError(f"{path} is an autoencoder run, not a text-to-video DiT run")
     params = state["params"] if raw else state["ema_params"]
-    return cfg, params, state["stats"], int(state["step"])
+    return (cfg, *fold_lora(cfg, params, state["stats"]), int(state["step"]))
+
+
+def fold_lora(cfg: Config, params: dict, stats: dict) -> tuple[dict, dict]:
+    """(params, stats) of a DiT; a LoRA run's adapters folded into its frozen base
+    (stats["base"], dropped), float32: what sampling, evaluating and exporting run."""
+    if not cfg.train.lora.enabled:
+        return params, stats
+    import jax
+    import numpy as np
+
+    from vdit.models.lora import fold
+
+    merged = jax.tree.map(np.asarray, fold(stats["base"], params, cfg.train.lora.scale()))
+    return merged, {k: v for k, v in stats.items() if k != "base"}
 
 
 def check_params_match(init, params: dict, where: Path) -> None:

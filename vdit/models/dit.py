@@ -141,7 +141,8 @@ class DiT(nn.Module):
                       impl=cfg.attention, blocks=blocks, context_parallel=cfg.context_parallel)
         if cfg.scan_layers:
             stack = nn.scan(
-                block, variable_axes={"params": 0}, split_rngs={"params": True},
+                block, variable_axes={"params": 0, "lora": 0},
+                split_rngs={"params": True, "lora_dropout": True},
                 in_axes=(nn.broadcast,) * 5, length=cfg.depth,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )

@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vdit.models import lora
 from vdit.models.rope import apply_rope
 from vdit.ops.attention import attention
 from vdit.ops.pallas.common import BlockSizes
@@ -25,7 +26,8 @@ class Linear(nn.Module):
 
     x [..., *in] -> [..., *features]. The kernel keeps its full rank (e.g. [D, 3, H, Dh] for a
     fused QKV), so each axis carries its own logical name. Params are float32; the matmul runs
-    in `dtype`.
+    in `dtype`. Where the variables hold a "lora" collection for this module (a [*in, r], b
+    [r, *features]), its low-rank branch is added: x W + (x a) b (vdit/models/lora.py).
     """
 
     features: tuple[int, ...]
@@ -46,6 +48,8 @@ class Linear(nn.Module):
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
         y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
                                 (contract, ((), ())))
+        if self.has_variable(lora.COLLECTION, "a"):  # a LoRA run's adapter (models/lora.py)
+            y = y + lora.branch(self, x, n_in, self.dtype)
         return y + bias.astype(self.dtype)
 
 

@@ -213,7 +213,8 @@ class WanDiT(nn.Module):
                       blocks=blocks, context_parallel=cfg.context_parallel)
         args = (x, time_proj, text, mask, rope, segments)
         if cfg.scan_layers:
-            stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+            stack = nn.scan(block, variable_axes={"params": 0, "lora": 0},
+                            split_rngs={"params": True, "lora_dropout": True},
                             in_axes=(nn.broadcast,) * 5, length=cfg.depth,
                             metadata_params={nn.PARTITION_NAME: "layers"})
             x, _ = stack(**kwargs, name="blocks")(*args)

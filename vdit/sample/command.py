@@ -19,11 +19,12 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if args.pipeline is not None:
         return _cmd_sample_pipeline(args)
     pipeline_only = [f for f in ("frames", "height", "width", "steps", "guidance",
-                                 "guidance_2", "text_length", "dtype", "lora", "lora_2") if
+                                 "guidance_2", "text_length", "dtype", "lora_2") if
                      getattr(args, f) is not None]
     if pipeline_only:
         raise ConfigError(f"--{pipeline_only[0].replace('_', '-')} is for --pipeline; a run "
                           "samples at its config's size and sample.* settings")
+    loras = tuple(_lora_arg(x, "--lora") for x in args.lora or ())
     from vdit.io.run_dir import check_output_dir
     from vdit.sample.generate import Marking, default_key, free_samples_dir, sample_run
     from vdit.sample.loading import load_for_sampling
@@ -37,6 +38,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if args.out:
         check_output_dir(args.out, "--out")
     cfg, system, params, stats, step = load_for_sampling(args.run_dir, args.step, args.raw)
+    params, extra = _run_loras(cfg, params, loras)
     context = _read_context(args, cfg)
     rewrite = settings_from_args(args, cfg.sample.rewrite)  # None: no --rewrite-prompt
     out = Path(args.out) if args.out else free_samples_dir(args.run_dir)
@@ -45,10 +47,32 @@ def _cmd_sample(args: argparse.Namespace) -> int:
                       c2pa_cert=args.c2pa_cert, c2pa_key=args.c2pa_key)
     paths = sample_run(cfg, system, params, stats, out, args.prompt or None, args.num,
                        args.seed, marking, context, args.context_frames or 0, args.overwrite,
-                       negative_prompt=args.negative_prompt, rewrite=rewrite)
+                       negative_prompt=args.negative_prompt, rewrite=rewrite, extra=extra)
     for p in paths:
         print(p)
     return 0
+
+
+def _run_loras(cfg, params, loras: tuple[tuple[str, float], ...]) -> tuple[dict, dict | None]:
+    """A wan run's params with each `--lora FILE[:SCALE]` folded in (the --pipeline code:
+    vdit's own exports and other tools' files alike, unmatched tensors named), and the
+    sidecars' record of them."""
+    if not loras:
+        return params, None
+    from vdit.config import ConfigError
+    from vdit.export.diffusers import transformer_spec
+    from vdit.sample.pipeline import apply_loras
+
+    if cfg.model.kind != "wan" or not cfg.model.scan_layers:
+        raise ConfigError("--lora: LoRA files adapt a model.kind 'wan' run with scanned blocks "
+                          f"(this run: model.kind {cfg.model.kind!r}, model.scan_layers "
+                          f"{cfg.model.scan_layers})")
+    if cfg.train.expert == "both":
+        raise ConfigError("--lora: this run samples with two Wan 2.2 experts; fold a LoRA into "
+                          "one of them with --pipeline (--lora / --lora-2) after `vdit export "
+                          "--to diffusers --pipeline`")
+    params = apply_loras(params, transformer_spec(cfg), loras)
+    return params, {"loras": [{"file": str(Path(p).resolve()), "scale": s} for p, s in loras]}
 
 
 def _cmd_sample_pipeline(args: argparse.Namespace) -> int:
@@ -170,7 +194,8 @@ def register(subparsers: Any) -> None:
                    help="the transformer's compute dtype (default: float32 on CPU, else bf16)")
     w.add_argument("--fps", type=float, default=None, help="mp4 frame rate (default 16)")
     w.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="fold a LoRA into "
-                   "the transformer (diffusers / PEFT or ComfyUI / musubi naming; repeatable)")
+                   "the transformer (diffusers / PEFT or ComfyUI / musubi naming; repeatable); "
+                   "also for a model.kind wan run or export")
     w.add_argument("--lora-2", action="append", metavar="FILE[:SCALE]", help="Wan 2.2 A14B: "
                    "a LoRA for transformer_2 (the low-noise expert)")
     p.add_argument("--prompt", action="append", help="a caption (repeatable); default: the "

@@ -215,11 +215,12 @@ def sample_run(cfg: Config, system: TextToVideo, params, stats: Stats, out_dir: 
                seed: int | None = None, marking: Marking = Marking(),
                context: np.ndarray | None = None, context_frames: int = 0,
                overwrite: bool = False, negative_prompt: str | None = None,
-               rewrite: RewriteConfig | None = None) -> list[Path]:
+               rewrite: RewriteConfig | None = None, extra: dict | None = None) -> list[Path]:
     """Generate from `prompts` (default: the config's) and write files under out_dir; with
     `context` (uint8 frames), continue it from its first `context_frames` latent frames.
     An earlier sample set in out_dir is refused (ConfigError) unless `overwrite`. With
-    `rewrite` each prompt is first rewritten by its endpoint (vdit/sample/rewrite.py)."""
+    `rewrite` each prompt is first rewritten by its endpoint (vdit/sample/rewrite.py).
+    `extra` (JSON-able: the LoRA files folded in) goes into every sidecar."""
     prompts = list(prompts or cfg.sample.prompts)
     num = num or cfg.sample.num_per_prompt
     seed = cfg.sample.seed if seed is None else seed
@@ -238,4 +239,5 @@ def sample_run(cfg: Config, system: TextToVideo, params, stats: Stats, out_dir: 
         videos = continue_prompts(system, params, stats, prompts, context, context_frames,
                                   num=num, seed=seed, cfg=cfg.sample)
     return write_samples(out_dir, videos, prompts, num, cfg.sample.fps, seed=seed,
-                         model_hash=params_hash(params), marking=marking, rewrites=rewrites)
+                         model_hash=params_hash(params), marking=marking, rewrites=rewrites,
+                         extra=extra)

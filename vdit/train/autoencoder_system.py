@@ -56,6 +56,9 @@ class AutoencoderSystem:
         c = self.cfg.autoencoder.latent_channels
         return {"mean": jnp.zeros((c,), jnp.float32), "std": jnp.ones((c,), jnp.float32)}
 
+    def sharded_stats(self) -> dict:
+        return {}
+
     def stats_shapes(self) -> Stats:
         channels = jax.ShapeDtypeStruct((self.cfg.autoencoder.latent_channels,), jnp.float32)
         return {"mean": channels, "std": channels}

@@ -87,6 +87,10 @@ def train(cfg: Config, *, system: System | None = None, log=print) -> dict:
     # Resuming restores the whole state, stats included: build only its target then.
     trainer = build_trainer(cfg, system, restoring=ckpt.latest_step() is not None)
     system = trainer.system
+    if primary and trainer.init_record is not None:  # what train.init_from read, once
+        from vdit.train.init_from import write_record
+
+        log(f"init_from: {write_record(run_dir, trainer.init_record)}")
     state, tokenizer = trainer.state, physics_tokenizer(cfg.text.max_length)
     embeddings = cfg.text.encoder == "precomputed"
     data_iter = train_iterator(cfg.data, tokenizer, tc.batch_size, shuffle_seed=tc.seed,

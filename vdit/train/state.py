@@ -29,6 +29,9 @@ class System(Protocol):
     def init(self, key: jax.Array) -> Any: ...
     def initial_stats(self, videos: Any) -> Stats: ...
     def stats_shapes(self) -> Stats: ...  # initial_stats' structure, as ShapeDtypeStructs
+    # {stats key: logical PartitionSpecs} of the stats sharded by the rule table like params
+    # (a LoRA run's frozen base); every other stat is replicated
+    def sharded_stats(self) -> dict[str, Any]: ...
     def loss(self, params, batch: dict, stats: Stats, key: jax.Array,
              step: jax.Array) -> tuple[jax.Array, dict]: ...
     def evaluate(self, params, batch: dict, stats: Stats, key: jax.Array) -> dict: ...
@@ -88,13 +91,16 @@ def opt_state_shardings(tx: optax.GradientTransformation, opt_state, p_shard, re
 
 def _layout(system: System, tx: optax.GradientTransformation, stats: Stats, mesh: Mesh,
             rules: Rules):
-    """(init(key, stats) -> TrainState, its abstract result, its shardings): params follow the
-    logical-axis table, optimizer moments their params, everything else is replicated."""
+    """(init(key, stats, params=None) -> TrainState, its abstract result, its shardings):
+    params follow the logical-axis table, optimizer moments their params, the stats the
+    system names (`sharded_stats`) the table too, everything else is replicated. `params`
+    (already sharded, e.g. train.init_from's) replace the system's fresh init."""
     p_shard = param_shardings(system, mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
 
-    def init(key, stats):
-        params = nn.unbox(system.init(key))["params"]
+    def init(key, stats, params=None):
+        if params is None:
+            params = nn.unbox(system.init(key))["params"]
         params = jax.lax.with_sharding_constraint(params, p_shard)
         return TrainState(
             step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
@@ -104,17 +110,26 @@ def _layout(system: System, tx: optax.GradientTransformation, stats: Stats, mesh
 
     abstract = jax.eval_shape(init, jax.random.key(0), stats)
     shardings = jax.tree.map(lambda _: replicated, abstract)
+    specs = system.sharded_stats()
+    stats_shard = {k: nn.logical_to_mesh_sharding(specs[k], mesh, rules) if k in specs else v
+                   for k, v in shardings.stats.items()}
     shardings = shardings.replace(params=p_shard, ema_params=p_shard, opt_state=opt_state_shardings(
-        tx, abstract.opt_state, p_shard, replicated))
+        tx, abstract.opt_state, p_shard, replicated), stats=stats_shard)
     return init, abstract, shardings
 
 
 def create_state(system: System, tx: optax.GradientTransformation, seed: int, stats: Stats,
-                 mesh: Mesh, rules: Rules) -> TrainState:
-    """A fresh TrainState, created sharded: params follow the logical-axis table."""
+                 mesh: Mesh, rules: Rules, params: Any | None = None) -> TrainState:
+    """A fresh TrainState, created sharded: params follow the logical-axis table. `params`
+    (sharded jax.Arrays: train.init_from's) start it instead of the system's init; they and
+    the sharded stats (a LoRA run's base) are donated into the state, never copied."""
     init, _, shardings = _layout(system, tx, stats, mesh, rules)
-    # stats stay constants of the program, as host values every process holds alike.
-    return jax.jit(lambda key: init(key, stats), out_shardings=shardings)(jax.random.key(seed))
+    sharded = {k: stats[k] for k in system.sharded_stats()}
+    # Other stats stay constants of the program, as host values every process holds alike.
+    host = {k: v for k, v in stats.items() if k not in sharded}
+    make = jax.jit(lambda key, sharded, params: init(key, {**host, **sharded}, params),
+                   out_shardings=shardings, donate_argnums=(1, 2))
+    return make(jax.random.key(seed), sharded, params)
 
 
 def abstract_state(system: System, tx: optax.GradientTransformation, stats: Stats, mesh: Mesh,

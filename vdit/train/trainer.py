@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from vdit.config import Config, ConfigError
 from vdit.data.physics import physics_tokenizer
 from vdit.data.pipeline import fixed_batch
+from vdit.diffusion.lora_system import make_system
 from vdit.diffusion.text_to_video import TextToVideo
 from vdit.parallel.mesh import batch_sharding, batch_shards, make_mesh
 from vdit.parallel.rules import Rules, get_rules
@@ -43,6 +44,7 @@ class Trainer:
     batch_sharding: NamedSharding
     step_fn: Any  # jitted (state, batch) -> (state, metrics), state donated
     eval_fn: Any  # jitted (params, batch, stats, key) -> {metric: array}
+    init_record: dict | None = None  # what train.init_from read (train/init_from.py)
 
     def device_batch(self, host: dict) -> dict:
         """This host's rows of the global batch (numpy) -> global jax.Arrays sharded over the
@@ -98,9 +100,11 @@ def build_trainer(cfg: Config, system: System | None = None, devices: list | Non
     `trainer.state` is the caller's choice; with `restoring` the state is only its abstract
     target (`restore_target`), so a resumed run reads neither its stats clips nor its
     autoencoder export. Given `stats` (`vdit bench` on synthetic batches) the state starts from
-    them and no data is read. The mesh spans `devices` (default: all)."""
+    them and no data is read. The mesh spans `devices` (default: all). A fresh DiT state
+    starts from `train.init_from` where the config names one, a LoRA run's frozen base from it
+    or a fresh init (train/init_from.py)."""
     mesh, rules = mesh_and_rules(cfg, devices)
-    system = system if system is not None else TextToVideo(cfg)
+    system = system if system is not None else make_system(cfg)
     tx = make_optimizer(cfg.train)
     if cfg.data.source == "shards" and stats is None:
         from vdit.data.shard_pipeline import check_shards
@@ -113,6 +117,7 @@ def build_trainer(cfg: Config, system: System | None = None, devices: list | Non
             f"train.batch_size {cfg.train.batch_size} / train.microbatches "
             f"{cfg.train.microbatches} = {per_slice} rows per step cannot be split over the "
             f"{shards} batch shards (mesh data x fsdp); use a multiple of {shards}")
+    record = None
     if restoring:
         state = _abstract_state(system, tx, mesh, rules)
     else:
@@ -123,7 +128,13 @@ def build_trainer(cfg: Config, system: System | None = None, devices: list | Non
                 # uint8 videos (physics) or stored latents (shards): the system measures either.
                 stats = system.initial_stats(clips["video"] if "video" in clips
                                              else clips["latent"])
-            state = create_state(system, tx, cfg.train.seed, stats, mesh, rules)
+            params = None
+            if system.kind == "dit":
+                from vdit.train.init_from import initial_weights
+
+                params, extra, record = initial_weights(cfg, system, mesh, rules)
+                stats = {**stats, **extra}
+            state = create_state(system, tx, cfg.train.seed, stats, mesh, rules, params)
     shardings = state_shardings(state)
     b_shard = batch_sharding(mesh)
     # Metrics come back replicated: every host can read them (multi-host runs).
@@ -132,7 +143,8 @@ def build_trainer(cfg: Config, system: System | None = None, devices: list | Non
                       in_shardings=(shardings, b_shard), out_shardings=(shardings, replicated),
                       donate_argnums=0)
     eval_fn = jax.jit(partial(eval_step, system=system), out_shardings=replicated)
-    return Trainer(cfg, mesh, rules, system, tx, state, b_shard, step_fn, eval_fn)
+    return Trainer(cfg, mesh, rules, system, tx, state, b_shard, step_fn, eval_fn,
+                   None if restoring else record)
 
 
 def load_run(run_dir: str | Path,
@@ -147,7 +159,7 @@ def load_run(run_dir: str | Path,
     ckpt = Checkpointer(Path(run_dir) / "checkpoints", async_save=False)
     if ckpt.latest_step() is None:
         raise FileNotFoundError(f"{run_dir} has no checkpoint yet")
-    system = TextToVideo(cfg)
+    system = make_system(cfg)
     state, _ = ckpt.restore(restore_target(cfg, system), step)
     ckpt.close()
     return cfg, system, state
