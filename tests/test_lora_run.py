@@ -5,7 +5,11 @@ namings (`vdit export --to lora --format diffusers | comfyui`) that vdit's reade
 tools' files (vdit/io/wan_lora.py, checked against diffusers in tests/test_wan_lora.py) reads
 back to the run's own merged model, merged into a diffusers transformer (`--merge`), and
 sampled (validation samples during training, `vdit sample RUN`, and with other tools' LoRA
-files: `--lora FILE[:SCALE]`)."""
+files: `--lora FILE[:SCALE]`).
+
+The interop proof is a committed fixture (tests/fixtures/lora_export/): such a run's LoRA files
+(tools/make_lora_export_sample.py, vdit's venv) that diffusers 0.42.1 loaded with
+`WanPipeline.load_lora_weights` and ran (tools/fixtures/lora_export.py, the torch env)."""
 
 from __future__ import annotations
 
@@ -193,3 +197,64 @@ def test_refusals_name_the_problem(run, tmp_path, capsys):
     save_config(own, from_dict(tiny_dict(own)))
     assert main(["export", str(own), "--to", "lora"]) == 2
     assert "model.kind 'dit'" in capsys.readouterr().err
+
+
+# --- the committed interop fixture ---------------------------------------------------------
+
+EXPORT_FIXTURE = ROOT / "tests" / "fixtures" / "lora_export"
+
+
+def _fixture_config(tmp: Path):
+    from vdit.config import from_dict
+
+    d = json.loads((EXPORT_FIXTURE / "sample.json").read_text())["config"]
+    for section, key in (("autoencoder", "checkpoint"), ("text", "checkpoint"),
+                         ("train", "init_from")):
+        d[section][key] = str(ROOT / d[section][key])
+    d["data"]["shards"], d["train"]["run_dir"] = str(tmp / "unused"), str(tmp / "run")
+    return from_dict(d)
+
+
+def _fixture_adapters() -> dict:
+    stored = load_file(str(EXPORT_FIXTURE / "adapters.safetensors"))
+    return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in stored.items()})
+
+
+def test_diffusers_loads_the_committed_lora_exports_as_vdit_applies_them(tmp_path):
+    """diffusers 0.42.1 (+ PEFT) loaded the committed `vdit export --to lora` files, both
+    namings, with `WanPipeline.load_lora_weights` onto the published transformer and ran it;
+    vdit's fold of the run's adapters into that transformer gives the same output today."""
+    from vdit.models import lora
+
+    record = json.loads((EXPORT_FIXTURE / "diffusers_outputs.json").read_text())
+    assert record["diffusers"] == "0.42.1"
+    vdit = load_file(str(EXPORT_FIXTURE / "vdit_outputs.safetensors"))
+    theirs = load_file(str(EXPORT_FIXTURE / "diffusers_outputs.safetensors"))
+    scale = np.abs(vdit["sample"]).max()
+    assert np.abs(vdit["sample"] - vdit["base"]).max() / scale > 0.05  # the LoRA matters
+    for fmt in ("diffusers", "comfyui"):
+        entry = record["files"][f"lora_{fmt}.safetensors"]
+        assert len(entry["lora_modules"]) == 10 and entry["max_rel_diff"] <= 1e-5, entry
+        assert np.abs(theirs[fmt] - vdit["sample"]).max() / scale <= 1e-5, fmt
+    cfg = _fixture_config(tmp_path)
+    _, base = wt.load_params(PIPELINE / "transformer")
+    merged = lora.fold(base, _fixture_adapters(), cfg.train.lora.scale())
+    inputs = {k: vdit[k] for k in ("hidden_states", "timestep", "encoder_hidden_states",
+                                   "text_mask")}
+    ours = _tool().vdit_output(cfg, merged, inputs)
+    assert np.abs(ours - vdit["sample"]).max() / scale <= 1e-6
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "comfyui"])
+def test_committed_lora_files_are_todays_export_of_their_adapters(tmp_path, fmt):
+    """The committed files are, tensor for tensor, what `--to lora` writes today from the
+    committed adapters, so a change in names, layout or the alpha folded into B shows here."""
+    from vdit.export.lora import adapter_tensors
+
+    cfg = _fixture_config(tmp_path)
+    _, base = wt.load_params(PIPELINE / "transformer")
+    got = adapter_tensors(cfg, _fixture_adapters(), base, fmt)
+    want = load_file(str(EXPORT_FIXTURE / f"lora_{fmt}.safetensors"))
+    assert sorted(got) == sorted(want)
+    for name, value in want.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
