@@ -334,6 +334,11 @@ class TrainConfig:
     sample_every: int = 0
     max_bad_steps: int = 10  # consecutive non-finite steps (skipped) before the run stops
     microbatches: int = 1  # gradient accumulation: the batch is cut into this many slices
+    # Wan 2.2's two experts (vdit/diffusion/experts.py): none trains the whole range of t;
+    # high (t >= boundary) or low (t < boundary) one expert; both one run holding the two, each
+    # trained on half of every batch. boundary_ratio null: init_from's pipeline's, else 0.875.
+    expert: Literal["none", "high", "low", "both"] = "none"
+    boundary_ratio: float | None = None
     # The DiT's starting weights (docs/fine-tuning.md): a diffusers Wan transformer or
     # WanPipeline folder, a vdit run directory or export; "" a fresh init. Read at the first
     # start only: a resume takes everything from its checkpoint.
@@ -355,7 +360,20 @@ class TrainConfig:
         for name in ("min_lr_ratio", "ema_decay", "b1", "b2"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name}: must be in [0, 1], got {getattr(self, name)}")
-        return problems
+        return problems + self._expert_problems()
+
+    def _expert_problems(self) -> list[str]:
+        p = []
+        if self.boundary_ratio is not None and not 0.0 < self.boundary_ratio < 1.0:
+            p.append(f"boundary_ratio: must be in (0, 1) or null, got {self.boundary_ratio}")
+        rows = self.batch_size // max(self.microbatches, 1)
+        if self.expert == "both" and rows % 2:
+            p.append(f"expert: 'both' trains each expert on half of every (micro)batch; "
+                     f"{rows} rows (batch_size / microbatches) do not halve")
+        if self.expert == "both" and self.lora.enabled:
+            p.append("expert: 'both' with lora.rank > 0 is not supported; train one expert per "
+                     "run (high, then low)")
+        return p
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,10 @@ as embeddings `(text [B, S, E], text_mask [B, S])` ("a caption" below is either)
 shards (`precomputed`: batch["text"], batch["text_mask"]) or computed in the step by a frozen T5
 from the stored token ids (`t5`: stats["text_encoder"]). Both embedding routes round to
 `text.dtype` and use stats["null_text"] / ["null_mask"] (the empty caption) for dropout.
+
+Wan 2.2 experts (`train.expert`, diffusion/experts.py): a one-expert run draws its t's in its
+range; `both` holds params {"high": ..., "low": ...}, trains each on its half of the batch and
+samples with the expert of each step's t.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import numpy as np
 
 from vdit.config import Config
 from vdit.data.physics import physics_tokenizer
+from vdit.diffusion import experts
 from vdit.diffusion.flow import noisy, resolve_shift, sample_time, velocity_loss
 from vdit.diffusion.sampler import sample_ode
 from vdit.io.autoencoders import build_autoencoder
@@ -62,6 +67,9 @@ class TextToVideo:
         self.shift = resolve_shift(cfg.diffusion, cfg.num_tokens())
         self.embedded = cfg.text.encoder != "transformer"  # the DiT sees embeddings
         self._t5 = None
+        self.expert = cfg.train.expert  # none | high | low | both
+        self.boundary = None if self.expert == "none" else experts.boundary_of(cfg)
+        self.eval_timesteps = experts.eval_times(cfg)
 
     # --- captions --------------------------------------------------------------------------
     def t5(self):
@@ -117,6 +125,13 @@ class TextToVideo:
             return params.apply(self.dit, x, t, *args, **kw)
         return self.dit.apply({"params": params}, x, t, *args, **kw)
 
+    def apply_expert(self, params, t: jax.Array, x, t_model, text) -> jax.Array:
+        """`apply_dit(params, x, t_model, text)`; for `train.expert: both` with the expert of
+        the step's time t [B] (one value; t_model may be per token)."""
+        if self.expert != "both":
+            return self.apply_dit(params, x, t_model, text)
+        return experts.route(params, t, self.boundary, self.apply_dit, x, t_model, text)
+
     # --- shapes and parameters -----------------------------------------------------------
     def dummy_inputs(self, batch: int = 1):
         latent = jnp.zeros((batch, *self.latent_shape), jnp.float32)
@@ -129,8 +144,12 @@ class TextToVideo:
         return latent, jnp.zeros((batch,), jnp.float32), tokens
 
     def init(self, key: jax.Array):
-        """Boxed (logically partitioned) variables of the DiT."""
-        return self.dit.init(key, *self.dummy_inputs())
+        """Boxed (logically partitioned) variables of the DiT ({"params": {"high", "low"}} for
+        train.expert both)."""
+        def init(k):
+            return self.dit.init(k, *self.dummy_inputs())
+
+        return experts.init_both(init, key) if self.expert == "both" else init(key)
 
     def sharded_stats(self) -> dict[str, Any]:
         """Stats sharded like params: none here (a LoRA run's frozen base, lora_system.py)."""
@@ -214,13 +233,21 @@ class TextToVideo:
     def loss(self, params, batch: dict, stats: Stats, key: jax.Array,
              step: jax.Array | None = None) -> tuple[jax.Array, dict]:
         """(loss, {}) on batch {"video": uint8 [B, T, H, W, 3] or "latent": [B, T', H', W', C],
-        "tokens": int32 [B, S]}, or on a packed batch (see `packed_loss`)."""
+        "tokens": int32 [B, S]}, or on a packed batch (see `packed_loss`). An expert run draws
+        t in its expert's range; `both` trains each expert on half the batch (experts.py)."""
+        if self.expert == "both":
+            return experts.both_loss(lambda p, b, k, r: self._loss(p, b, stats, k, r), params,
+                                     batch, key, self.boundary)
+        return self._loss(params, batch, stats, key, experts.t_range(self.expert, self.boundary))
+
+    def _loss(self, params, batch: dict, stats: Stats, key: jax.Array,
+              t_range: tuple[float, float] | None) -> tuple[jax.Array, dict]:
         if "patches" in batch:
-            return self.packed_loss(params, batch, stats, key)
+            return self.packed_loss(params, batch, stats, key, t_range)
         k_drop, k_t, k_noise = jax.random.split(key, 3)
         x0 = self.batch_latent(batch, stats)
         tokens = self.drop_captions(self.batch_text(batch, stats), k_drop, stats)
-        t = sample_time(k_t, x0.shape[0], self.cfg.diffusion, self.shift)
+        t = sample_time(k_t, x0.shape[0], self.cfg.diffusion, self.shift, t_range)
         noise = jax.random.normal(k_noise, x0.shape)
         return self.flow_loss(params, x0, noise, t, tokens).mean(), {}
 
@@ -247,12 +274,12 @@ class TextToVideo:
         v = self.apply_dit(params, x_t, self.token_times(t, k, x0.shape[1:]), tokens)
         return velocity_loss(v[:, k:], x0[:, k:], noise[:, k:])
 
-    def packed_loss(self, params, batch: dict, stats: Stats,
-                    key: jax.Array) -> tuple[jax.Array, dict]:
+    def packed_loss(self, params, batch: dict, stats: Stats, key: jax.Array,
+                    t_range: tuple[float, float] | None = None) -> tuple[jax.Array, dict]:
         """(loss, {}) on packed rows (vdit/data/packing.py): "patches" [B, L, P] of stored
         latents, "positions" [B, L, 3], "segment_ids" [B, L], "tokens" and "text_segment_ids"
         [B, K * S]. Each clip draws its own time, noise and caption dropout; the loss is the
-        mean over real (non-padding) tokens."""
+        mean over real (non-padding) tokens; `t_range`: an expert's (flow.sample_time)."""
         k_drop, k_t, k_noise = jax.random.split(key, 3)
         ids, patches = batch["segment_ids"], batch["patches"]
         b, length, p = patches.shape
@@ -266,7 +293,7 @@ class TextToVideo:
                                    self.batch_text(batch, stats))
         tokens = jax.tree.map(lambda x: x.reshape(b, clips * s, *x.shape[2:]),
                               self.drop_captions(per_caption, k_drop, stats))
-        t_clip = sample_time(k_t, b * (clips + 1), self.cfg.diffusion, self.shift)
+        t_clip = sample_time(k_t, b * (clips + 1), self.cfg.diffusion, self.shift, t_range)
         t = jnp.take_along_axis(t_clip.reshape(b, clips + 1), ids, axis=1)  # [B, L]
         noise = jax.random.normal(k_noise, x0.shape)
         x_t = (1 - t[..., None]) * x0 + t[..., None] * noise
@@ -282,16 +309,20 @@ class TextToVideo:
         return {"loss": by_t.mean(), "loss_by_t": by_t}
 
     def eval_losses(self, params, batch: dict, stats: Stats, key: jax.Array) -> jax.Array:
-        """Loss at each fixed eval timestep with fixed noise (no caption dropout): [num_t]."""
+        """Loss at each fixed eval timestep with fixed noise (no caption dropout): [num_t]; an
+        expert run's timesteps (experts.eval_times), `both` each with its expert."""
         x0 = self.batch_latent(batch, stats)
         noise = jax.random.normal(key, x0.shape)
         text = self.batch_text(batch, stats)
 
-        def at(t_scalar):
+        def at(t_scalar, p=params):
             t = jnp.full((x0.shape[0],), t_scalar)
-            return self.flow_loss(params, x0, noise, t, text).mean()
+            return self.flow_loss(p, x0, noise, t, text).mean()
 
-        return jax.lax.map(at, jnp.asarray(self.cfg.diffusion.eval_timesteps))
+        if self.expert == "both":
+            return jnp.stack([at(t, params[experts.expert_at(t, self.boundary)])
+                              for t in self.eval_timesteps])
+        return jax.lax.map(at, jnp.asarray(self.eval_timesteps))
 
     # --- generation ------------------------------------------------------------------------
     def generate(self, params, tokens, stats: Stats, key: jax.Array, *, steps: int,
@@ -314,13 +345,14 @@ class TextToVideo:
         k = 0 if context is None else context.shape[1]
 
         def velocity(x, t, cond):
+            t_model = t
             if k:
                 tb = t[:, None, None, None, None]
                 given = context if clean_context else (1 - tb) * context + tb * noise[:, :k]
                 x = x.at[:, :k].set(given)
                 if clean_context:
-                    t = self.token_times(t, k, x.shape[1:])
-            return self.apply_dit(params, x, t, tokens if cond else empty)
+                    t_model = self.token_times(t, k, x.shape[1:])
+            return self.apply_expert(params, t, x, t_model, tokens if cond else empty)
 
         latent = sample_ode(velocity, noise, steps=steps, guidance=guidance, shift=self.shift,
                             method=method)

@@ -6,9 +6,15 @@ folders diffusers loads.
                                                        sharded); EMA params, or raw with --raw
     OUT/vdit_export.json                               run, step, weights, dtype, text encoder
 
+A Wan 2.2 expert run (`train.expert`, vdit/diffusion/experts.py) writes its experts under
+their pipeline names: `both` transformer/ (high noise, t >= boundary) and transformer_2/ (low);
+`high` transformer/, `low` transformer_2/ (with `--pipeline`, the other expert is the source
+pipeline's, which must have two). vdit_export.json names the expert and the boundary.
+
 With `--pipeline` (the WanPipeline folder whose VAE and text encoder the run trained with) OUT
 is a whole pipeline: model_index.json, tokenizer/, text_encoder/, vae/ and scheduler/ from that
-folder (hard-linked where the file system allows, else copied) and transformer/ from the run.
+folder (hard-linked where the file system allows, else copied) and transformer/ from the run;
+with two experts model_index.json names transformer_2 and the run's boundary_ratio.
 The folder must be the run's own: its text encoder has the SHA-256 the run recorded
 (text.checkpoint_sha256), its tokenizer the one the run's shards record, and its VAE the very
 weights and latent statistics the run's checkpoint carries in stats/autoencoder; anything else
@@ -179,29 +185,66 @@ def _place(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-def copy_parts(spec, out: Path) -> None:
+def _copy_folder(src: Path, dst: Path) -> None:
+    """Every file of `src` at `dst` (placed), and files `dst` has beyond them removed."""
+    files = sorted(p.relative_to(src) for p in src.rglob("*") if p.is_file())
+    for rel in files:
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        _place(src / rel, dst / rel)
+    keep = set(files)
+    for old in (p for p in dst.rglob("*") if p.is_file()):
+        if old.relative_to(dst) not in keep:
+            old.unlink()
+
+
+def copy_parts(spec, out: Path, boundary: float | None = None) -> None:
     """tokenizer/ text_encoder/ vae/ scheduler/ of the source pipeline into OUT (files the
     source's part does not have are removed from OUT's, so an export written over another
     never mixes two), its licence files, and model_index.json last: a folder with a
-    model_index.json is whole. A two-expert source (Wan 2.2 A14B) becomes a one-transformer
-    pipeline: the run trained one transformer."""
+    model_index.json is whole. With `boundary` (OUT holds transformer_2/ too) it names both
+    experts and that boundary_ratio; else a two-expert source (Wan 2.2 A14B) becomes a
+    one-transformer pipeline: the run trained one transformer."""
     for part in PIPELINE_PARTS:
-        src, dst = spec.path / part, out / part
-        files = sorted(p.relative_to(src) for p in src.rglob("*") if p.is_file())
-        for rel in files:
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            _place(src / rel, dst / rel)
-        keep = set(files)
-        for old in (p for p in dst.rglob("*") if p.is_file()):
-            if old.relative_to(dst) not in keep:
-                old.unlink()
+        _copy_folder(spec.path / part, out / part)
     for licence in spec.path.glob("LICENSE*"):
         if licence.is_file():
             _place(licence, out / licence.name)
     index = dict(spec.index)
-    if spec.transformer_2 is not None:
+    if boundary is not None:
+        index.update(transformer_2=["diffusers", "WanTransformer3DModel"],
+                     boundary_ratio=boundary)
+    elif spec.transformer_2 is not None:
         index.update(transformer_2=[None, None], boundary_ratio=None)
     atomic.write_text(out / "model_index.json", json.dumps(index, indent=2) + "\n")
+
+
+def expert_parts(cfg: Config, params: dict[str, Any]) -> dict[str, Any]:
+    """The run's params per export folder: transformer (none, high; both's high) and
+    transformer_2 (low; both's low)."""
+    from vdit.diffusion.experts import FOLDERS
+
+    expert = cfg.train.expert
+    if expert == "both":
+        return {FOLDERS[e]: params[e] for e in ("high", "low")}
+    return {FOLDERS.get(expert, "transformer"): params}
+
+
+def partner_problems(spec, cfg: Config) -> list[str]:
+    """A one-expert run exported into a pipeline takes the other expert from the source: it
+    must have two, of the run's architecture."""
+    if cfg.train.expert not in ("high", "low"):
+        return []
+    if spec.transformer_2 is None:
+        return [f"the run trains Wan 2.2's {cfg.train.expert}-noise expert (train.expert); the "
+                "pipeline has one transformer, so the other range has no expert (export "
+                "without --pipeline, or name a two-expert pipeline)"]
+    other = spec.transformer_2 if cfg.train.expert == "high" else spec.transformer
+    mine = transformer_spec(cfg)
+    if (other.model, other.text_dim, other.in_channels) != (mine.model, mine.text_dim,
+                                                           mine.in_channels):
+        return [f"its other expert has another architecture than the run's model section "
+                f"({other.model} vs {mine.model})"]
+    return []
 
 
 def export_diffusers(run_dir: Path, cfg: Config, out: Path, *, raw: bool = False,
@@ -219,7 +262,7 @@ def export_diffusers(run_dir: Path, cfg: Config, out: Path, *, raw: bool = False
         from vdit.io.wan_pipeline import resolve_pipeline
 
         source = resolve_pipeline(pipeline)
-        refuse(source, check_pipeline_text(source, cfg))
+        refuse(source, check_pipeline_text(source, cfg) + partner_problems(source, cfg))
     ckpt = Checkpointer(run_dir / "checkpoints", async_save=False)
     state, meta = ckpt.restore_raw(step)
     ckpt.close()
@@ -229,19 +272,39 @@ def export_diffusers(run_dir: Path, cfg: Config, out: Path, *, raw: bool = False
         refuse(source, vae_problems(source.vae, cfg, state["stats"]))
     from vdit.io.run_dir import fold_lora
 
+    # A LoRA run: its adapters folded into its base.
     params, _ = fold_lora(cfg, state["params"] if raw else state["ema_params"], state["stats"])
-    write_transformer(out / "transformer", cfg, params,  # a LoRA run: folded into its base
-                      dtype=dtype, max_shard_bytes=max_shard_bytes)
+    parts = expert_parts(cfg, params)  # {folder: params}: an expert run's under their names
+    origin = dict.fromkeys(parts, "run")
+    for folder, params in parts.items():
+        write_transformer(out / folder, cfg, params, dtype=dtype,
+                          max_shard_bytes=max_shard_bytes)
+    if source is not None and cfg.train.expert in ("high", "low"):  # the other range's expert
+        other = "transformer_2" if cfg.train.expert == "high" else "transformer"
+        _copy_folder(source.path / other, out / other)
+        origin[other] = "pipeline"
+    boundary = _boundary(cfg)
     t = cfg.text
     info = {"vdit_version": __version__, "run": str(run_dir.resolve()),
             "step": int(state["step"]), "weights": "raw" if raw else "ema", "dtype": dtype,
             "pipeline": None if source is None else str(source.path.resolve()),
             "model": config_lib.to_dict(cfg)["model"],
+            "expert": cfg.train.expert, "boundary_ratio": boundary,
+            "transformers": origin,
             "text_encoder": {"kind": t.encoder, "path": t.checkpoint, "sha256": t.checkpoint_sha256,
                              "width": t.width, "max_length": t.max_length, "dtype": t.dtype},
             "usage": f"captions zero-padded to {t.max_length} tokens, unmasked (WanPipeline: "
                      f"max_sequence_length={t.max_length})"}
     atomic.write_text(out / INFO, json.dumps(info, indent=2) + "\n")
     if source is not None:
-        copy_parts(source, out)
+        copy_parts(source, out, None if cfg.train.expert == "none" else boundary)
     return out
+
+
+def _boundary(cfg: Config) -> float | None:
+    """An expert run's boundary_ratio (config.yaml names it; None for a one-transformer run)."""
+    if cfg.train.expert == "none":
+        return None
+    from vdit.diffusion.experts import boundary_of
+
+    return boundary_of(cfg)

@@ -60,17 +60,13 @@ class PipelineSettings:
 
 def check_settings(spec: PipelineSpec, s: PipelineSettings) -> list[str]:
     """Problems with sizes and options for this pipeline, each naming the flag."""
-    ft = int(spec.vae_config.get("scale_factor_temporal", 4))
-    fs = int(spec.vae_config.get("scale_factor_spatial", 8))
-    _, ph, pw = spec.transformer.model.patch
+    ft = spec.vae_factors[0]
     p = []
-    if s.frames < 1 or (s.frames - 1) % ft:
-        near = max(1, round((s.frames - 1) / ft) * ft + 1)
-        p.append(f"--frames: the Wan VAE needs 1 + {ft}k frames, got {s.frames} (try {near})")
-    for flag, size, patch in (("--height", s.height, ph), ("--width", s.width, pw)):
-        if size < 1 or size % (fs * patch):
-            p.append(f"{flag}: must be a multiple of {fs * patch} (VAE {fs} x patch {patch}), "
-                     f"got {size}")
+    for problem in spec.clip_problems(s.frames, s.height, s.width):  # the one size rule
+        flag = next(f for f in ("height", "width", "frames") if f in problem)
+        hint = (f" (try {max(1, round((s.frames - 1) / ft) * ft + 1)})" if flag == "frames"
+                else "")
+        p.append(f"--{flag}: {problem}{hint}")
     if s.guidance_2 is not None and spec.transformer_2 is None:
         p.append("--guidance-2: this pipeline has one transformer (no boundary_ratio); "
                  "guidance_2 is for Wan 2.2 A14B's low-noise expert")

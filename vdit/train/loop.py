@@ -72,8 +72,10 @@ def train(cfg: Config, *, system: System | None = None, log=print) -> dict:
     """Train `system` (default: the text-to-video DiT), resuming from the run's latest
     checkpoint if there is one; returns a summary."""
     from vdit.data.captions import resolve_text
+    from vdit.diffusion.experts import resolve_experts
 
     cfg = resolve_text(cfg)  # the shards' encoder checked; the run names it in config.yaml
+    cfg = resolve_experts(cfg)  # an expert run's boundary, named in config.yaml too
     tc = cfg.train
     run_dir = Path(tc.run_dir)
     check_resume_compatible(run_dir, cfg)
