@@ -19,6 +19,7 @@ import numpy as np
 
 from vdit.config import Config
 from vdit.data.pipeline import fixed_batch
+from vdit.diffusion.lora_system import make_system
 from vdit.diffusion.text_to_video import TextToVideo
 from vdit.scaling.flops import step_flops
 from vdit.train.state import count_params
@@ -49,10 +50,12 @@ def synthetic_stats(system: TextToVideo) -> dict:
     """TrainState.stats of `system` without data or files: latent mean 0 and std 1, zero
     frozen-autoencoder params (a step on stored latents never runs them) and, for caption
     embeddings, the fully masked empty caption (`null_caption`'s default). (`text.encoder:
-    t5` still reads its folder's config.json.)"""
+    t5` still reads its folder's config.json.) A LoRA run's frozen base is left to the
+    trainer, which makes it on its shardings (train/init_from.py)."""
+    shapes = {k: v for k, v in system.stats_shapes().items() if k not in system.sharded_stats()}
     return jax.tree_util.tree_map_with_path(
         lambda path, x: np.full(x.shape, jax.tree_util.keystr(path) == "['std']", x.dtype),
-        system.stats_shapes())
+        shapes)
 
 
 def synthetic_batch(cfg: Config, count: int, seed: int = 0) -> dict:
@@ -80,7 +83,7 @@ class WarmStep:
     def __init__(self, cfg: Config, warmup: int = 2, compiler_options: dict | None = None):
         self.synthetic = synthetic(cfg)
         if self.synthetic:
-            system = TextToVideo(cfg)
+            system = make_system(cfg)  # a LoRA config benches its LoRA step
             self.trainer = build_trainer(cfg, system, stats=synthetic_stats(system))
             host = synthetic_batch(cfg, cfg.train.batch_size)
         else:
