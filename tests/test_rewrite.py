@@ -350,3 +350,32 @@ def test_recorded_endpoints_hold_no_secrets():
     assert rw.endpoint_url("http://127.0.0.1:8080/v1/chat/completions") == (
         "http://127.0.0.1:8080/v1/chat/completions")
     assert rw.clean_answer('<think>hmm</think>\n "A ball.\n Falls." ') == "A ball. Falls."
+
+
+def test_pipeline_sampling_rewrites_through_the_same_entry(stub, tmp_path, monkeypatch, capsys):
+    """`vdit sample --pipeline ... --rewrite-prompt`: the Wan pipeline's UMT5 encodes the
+    rewritten prompt, both prompts are recorded, the key is in no file; the budget is the
+    UMT5 tokenizer's at --text-length."""
+    from vdit.sample import pipeline as wp
+
+    seen: list[str] = []
+    original = wp.embed_prompts
+    monkeypatch.setattr(wp, "embed_prompts", lambda loaded, prompts, dtype: (
+        seen.extend(prompts), original(loaded, prompts, dtype))[1])
+    monkeypatch.setenv(KEY_ENV, KEY)
+    stub.reset("ok")
+    out = tmp_path / "pipe"
+    folder = Path(__file__).parent / "fixtures" / "wan_pipeline" / "wan21"
+    assert main(["sample", "--pipeline", str(folder), "--prompt", USER_PROMPT, "--frames", "5",
+                 "--height", "32", "--width", "48", "--steps", "2", "--text-length", "24",
+                 "--out", str(out), "--rewrite-prompt", "--rewrite", f"endpoint={stub.url}",
+                 "--rewrite", "model=stub", "--rewrite", f"api_key_env={KEY_ENV}"]) == 0
+    logs = capsys.readouterr()
+    assert ANSWER in seen and USER_PROMPT not in seen
+    prompts = json.loads((out / "prompts.json").read_text())
+    assert prompts["prompts"] == [ANSWER] and prompts["user_prompts"] == [USER_PROMPT]
+    (entry,) = prompts["prompt_rewrite"]
+    assert entry["max_length"] == 24 and entry["model"] == SERVED_MODEL
+    (video,) = out.glob("*.mp4")
+    assert json.loads(Path(f"{video}.json").read_text())["prompt_rewrite"] == entry
+    assert KEY.encode() not in _all_text(out) and KEY not in logs.out + logs.err
