@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -102,7 +103,7 @@ def test_adam_moments_shard_like_their_params():
     cfg = _tiny()
     mesh = jax.sharding.AbstractMesh((1, 4, 1, 1), ("data", "fsdp", "tensor", "context"))
     tx = make_optimizer(cfg.train)
-    state = abstract_state(cfg, TextToVideo(cfg), tx, mesh, get_rules("default"))
+    state = abstract_state(TextToVideo(cfg), tx, mesh, get_rules("default"))
     adam = next(s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: isinstance(
         x, optax.ScaleByAdamState)) if isinstance(s, optax.ScaleByAdamState))
     params = [p.sharding.spec for p in jax.tree.leaves(state.params)]
@@ -145,6 +146,78 @@ def test_gpu_plan_is_a_labelled_estimate():
         "frames": 16, "height": 256, "width": 256}}), "8xH100")
     assert not huge["fits"] and any("microbatches" in f or "batch_size" in f
                                     for f in huge["fixes"])
+
+
+def _rows(table: str) -> dict[str, float]:
+    """{row label: bytes} of the per-chip rows `format_plan` prints ("  label   1.23 MiB")."""
+    scale = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+    rows = {}
+    for m in re.finditer(r"^  (\S.*?)\s+(-?[\d.]+) (KiB|MiB|GiB)", table, re.MULTILINE):
+        rows[m.group(1).strip()] = float(m.group(2)) * scale[m.group(3)]
+    return rows
+
+
+def test_lora_plan_prints_the_split_of_the_trainers_lora_state(capsys):
+    """A LoRA plan (compile-free: a GPU target) holds the trainer's LoRA state: the frozen DiT
+    in bf16 (2 bytes a DiT param), the adapters and their EMA in f32 (8 bytes an adapter
+    param), AdamW's two f32 moments of the adapters only; those and the rest add up to the
+    state's bytes, which are those of the trainer's own abstract state (`restore_target`). The
+    table prints every part, and its rows add up too."""
+    import flax.linen as nn
+    import jax
+
+    from vdit.diffusion.lora_system import make_system
+    from vdit.diffusion.text_to_video import TextToVideo
+    from vdit.models import lora
+    from vdit.train.plan import per_chip_bytes, plan
+    from vdit.train.plan_report import format_plan
+    from vdit.train.trainer import restore_target
+
+    cfg = _tiny(train={"batch_size": 2, "lora": {"rank": 4}})
+    r = plan(cfg, "1xH100")
+    dit = nn.unbox(jax.eval_shape(TextToVideo(cfg).init, jax.random.key(0)))["params"]
+    n_dit = sum(math.prod(x.shape) for x in jax.tree.leaves(dit))
+    targets = lora.find_targets(dit, lora.DEFAULT_TARGETS["dit"])
+    n_adapters = sum((t.shape[0] if t.stacked else 1) * 4 * sum(t.dims()) for t in targets)
+    assert r["params"] == n_dit and r["trainable_params"] == n_adapters
+    assert r["lora"] == {"rank": 4, "targets": len(targets)}
+    assert r["frozen_base_bytes"] == 2 * n_dit
+    assert r["param_bytes"] == 8 * n_adapters
+    assert 8 * n_adapters <= r["opt_bytes"] <= 8 * n_adapters + 64  # + Adam's step counters
+    parts = ("frozen_base_bytes", "frozen_encoder_bytes", "param_bytes", "opt_bytes",
+             "other_state_bytes")
+    assert sum(r[k] for k in parts) == r["state_bytes"]
+    assert r["state_bytes"] == per_chip_bytes(restore_target(cfg, make_system(cfg)))
+    assert r["remat"] == "none" and "every activation" in r["remat_keeps"]
+    assert r["offload"].startswith("none")
+
+    rows = _rows(format_plan(r))
+    split = ("frozen DiT base (bf16)", "frozen VAE / text enc", "adapters + EMA (f32)",
+             "optimizer state", "other state + batch")
+    assert set(split) <= set(rows) and "params + EMA (f32)" not in rows
+    assert rows["frozen DiT base (bf16)"] == pytest.approx(2 * n_dit, rel=0.01)
+    assert rows["adapters + EMA (f32)"] == pytest.approx(8 * n_adapters, rel=0.01)
+    assert sum(rows[k] for k in split) == pytest.approx(rows["= state + batch"], rel=0.01)
+    assert rows["= state + batch"] == pytest.approx(r["state_bytes"] + r["batch_bytes"],
+                                                    rel=0.01)
+
+    full = plan(_tiny(train={"batch_size": 2}), "1xH100")  # the same DiT, every weight trained
+    assert full["frozen_base_bytes"] == 0 and full["param_bytes"] == 8 * n_dit
+    assert "params + EMA (f32)" in _rows(format_plan(full))
+
+
+def test_gpu_plan_says_how_many_nodes_a_context_group_spans():
+    """Context groups of 16 GPUs on two 8-GPU nodes cross the nodes; with mesh.dcn_data=2 each
+    node holds its own (compile-free: GPU targets)."""
+    from vdit.train.plan import plan
+    from vdit.train.plan_report import format_plan
+
+    across = plan(_tiny(mesh={"context": 16, "fsdp": 1}, train={"batch_size": 1}), "2x8xH100")
+    inside = plan(_tiny(mesh={"context": 8, "fsdp": 1, "dcn_data": 2},
+                        train={"batch_size": 2}), "2x8xH100")
+    assert across["context_hosts"] == 2 and inside["context_hosts"] == 1
+    assert "each context group spans 2 hosts" in format_plan(across)
+    assert plan(_tiny(), "1xH100")["context_hosts"] is None
 
 
 def test_cli_plan_json_and_exit_code(tmp_path, capsys):

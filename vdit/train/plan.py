@@ -8,6 +8,14 @@ allocated. The TPU compiler's `memory_analysis()` gives per-chip bytes; paramete
 bytes are also counted from the sharded abstract state and checked against the compiled
 program's argument bytes. GPU targets have no compiler here: their figures are an analytic
 estimate (vdit/train/plan_estimate.py), labelled so.
+
+The system and its abstract TrainState are the trainer's own (`make_system`,
+`vdit.train.state.abstract_state` over `system.stats_shapes()`), so a LoRA config
+(`train.lora`) plans the LoRA step: adapters as the params, their EMA and Adam moments, the
+frozen base bf16 in `TrainState.stats["base"]`, sharded like a full run's params. The per-chip
+bytes are split into frozen weights (that base, the frozen VAE and text encoder), the trained
+params (or adapters) with their EMA, the optimizer state, the rest of the state, the batch and
+the temporaries (activations kept for the backward pass by `model.remat`, gradients, update).
 """
 
 from __future__ import annotations
@@ -22,17 +30,19 @@ from functools import partial
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
 
 from vdit.config import Config, ConfigError
+from vdit.diffusion.lora_system import make_system
 from vdit.diffusion.text_to_video import TextToVideo
 from vdit.parallel.mesh import axis_sizes, batch_sharding, make_mesh
 from vdit.parallel.rules import MESH_AXES, get_rules
 from vdit.parallel.topologies import Target, parse_target, tpu_devices
 from vdit.scaling.flops import train_flops_per_step
-from vdit.train.plan_estimate import estimate_temporaries, suggestions
-from vdit.train.state import TrainState, make_optimizer, opt_state_shardings, param_shardings
+from vdit.train import state as train_state
+from vdit.train.plan_estimate import estimate_temporaries, lora_kept_widths, suggestions
+from vdit.train.state import TrainState, make_optimizer
 from vdit.train.step import train_step
 
 # The runtime keeps part of HBM for itself (program, collectives' buffers, fragmentation): a
@@ -56,49 +66,83 @@ def for_target(cfg: Config, target: Target) -> tuple[Config, str]:
     return cfg, impl
 
 
-def abstract_stats(cfg: Config, system: TextToVideo) -> dict:
-    """Shapes of TrainState.stats: per-channel latent mean/std, the frozen autoencoder's
-    params (their shapes from its init; no checkpoint is read) and, for caption embeddings
-    (`text.encoder` t5 or precomputed), the empty caption (+ the in-step T5's params, whose
-    shapes come from its config.json)."""
-    channels = system.latent_shape[-1]
-    w = cfg.data.world
-    video = jax.ShapeDtypeStruct((1, w.frames, w.height, w.width, 3), jnp.float32)
-    ae = {} if cfg.autoencoder.kind == "space_to_depth" else nn.unbox(
-        jax.eval_shape(system.autoencoder.init, jax.random.key(0), video))
-    vec = jax.ShapeDtypeStruct((channels,), jnp.float32)
-    text = {}
-    if system.embedded:
-        from vdit.data.captions import text_stats_shapes
+# Stats that are frozen weights (the rest are latent statistics and the empty caption): a LoRA
+# run's DiT base (diffusion/lora_system.py), the frozen autoencoder and the in-step text encoder.
+FROZEN_STATS = ("base", "autoencoder", "text_encoder")
 
-        text = text_stats_shapes(cfg)
-    return {"mean": vec, "std": vec, "autoencoder": ae, **text}
+# What each `model.remat` keeps for the backward pass (vdit/models/dit.py REMAT_POLICIES).
+REMAT_KEEPS = {
+    "none": "every activation of every block kept",
+    "full": "each block's input kept, the block recomputed in the backward pass",
+    "dots": "matmul and fused-attention outputs kept, element-wise work recomputed",
+}
+# vdit's remat policies keep what they keep in device memory: none offloads to the host, which
+# jax's offloading policies (jax.checkpoint_policies.offload_dot_with_no_batch_dims,
+# save_and_offload_only_these_names: saved values to the "pinned_host" memory space) would do.
+OFFLOAD = "none (vdit's remat policies keep saved values in device memory)"
 
 
-def abstract_state(cfg: Config, system: TextToVideo, tx: optax.GradientTransformation,
-                   mesh, rules) -> TrainState:
-    """The TrainState `create_state` would build, as ShapeDtypeStructs carrying the shardings
-    the trainer gives it: params and EMA by the logical-axis table, optimizer moments mirroring
-    the params (`opt_state_shardings`), everything else replicated."""
-    # Shapes do not depend on the attention kernel; tracing XLA attention keeps Pallas (its
-    # interpret mode on this host) out of the remat'd init. Outside the mesh: keys live here.
-    shaper = TextToVideo(dataclasses.replace(
-        cfg, model=dataclasses.replace(cfg.model, attention="xla")))
-    p_shard = param_shardings(shaper, mesh, rules)
-    replicated = NamedSharding(mesh, PartitionSpec())
+def _tracing(mesh):
+    """Where the system and its state are traced: under a TPU mesh's abstract mesh, so the
+    Pallas TPU kernel traces for TPU rather than in its interpret mode (which cannot be
+    remat'd), while keys and other eager values stay on this host."""
+    abstract = mesh if isinstance(mesh, jax.sharding.AbstractMesh) else mesh.abstract_mesh
+    return jax.sharding.use_abstract_mesh(abstract)
 
-    def init(key, stats):
-        params = nn.unbox(shaper.init(key))["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                          opt_state=tx.init(params),
-                          rng=jax.random.key_data(jax.random.fold_in(key, 1)), stats=stats)
 
-    shapes = jax.eval_shape(init, jax.random.key(cfg.train.seed), abstract_stats(cfg, shaper))
-    shardings = jax.tree.map(lambda _: replicated, shapes)
-    opt_shard = opt_state_shardings(tx, shapes.opt_state, p_shard, replicated)
-    shardings = shardings.replace(params=p_shard, ema_params=p_shard, opt_state=opt_shard)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        shapes, shardings)
+def plan_system(cfg: Config, target: Target, mesh) -> TextToVideo:
+    """The system the trainer builds for `cfg` (`make_system`: LoRA where train.lora is on). A
+    GPU plan compiles nothing, so its shapes are traced with XLA attention (a GPU or TPU
+    kernel would run in interpret mode on this host)."""
+    if target.platform != "tpu":
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention="xla"))
+    with _tracing(mesh):
+        return make_system(cfg)
+
+
+def abstract_state(system: TextToVideo, tx: optax.GradientTransformation, mesh,
+                   rules) -> TrainState:
+    """The TrainState the trainer creates, as ShapeDtypeStructs with its shardings: the
+    trainer's own layout (`vdit.train.state.abstract_state` over `system.stats_shapes()`):
+    params and EMA by the logical-axis table, optimizer moments as their params, the stats the
+    system shards (a LoRA run's base) by the table, everything else replicated."""
+    with _tracing(mesh), nn.logical_axis_rules(rules):
+        return train_state.abstract_state(system, tx, system.stats_shapes(), mesh, rules)
+
+
+def state_split(state: TrainState) -> dict[str, int]:
+    """Per-chip bytes of the state by kind; the parts add up to `per_chip_bytes(state)`."""
+    frozen = {k: v for k, v in state.stats.items() if k in FROZEN_STATS}
+    rest = {k: v for k, v in state.stats.items() if k not in FROZEN_STATS}
+    return {
+        "frozen_base_bytes": per_chip_bytes(frozen.pop("base", {})),
+        "frozen_encoder_bytes": per_chip_bytes(frozen),
+        "param_bytes": per_chip_bytes(state.params) + per_chip_bytes(state.ema_params),
+        "opt_bytes": per_chip_bytes(state.opt_state),
+        "other_state_bytes": per_chip_bytes((state.step, state.rng, rest)),
+    }
+
+
+def hosts_per_group(mesh, axis: str, hosts: int) -> int:
+    """Hosts one group of devices along mesh axis `axis` spans (the most over all groups): 1
+    while its collectives stay inside a host; a TPU slice's groups across hosts still talk over
+    ICI. A GPU target's abstract mesh has no devices: they are taken node-major, as
+    `vdit.parallel.mesh.device_grid` lays them out (slices, i.e. nodes, outermost)."""
+    if isinstance(mesh, jax.sharding.AbstractMesh):
+        per_host = mesh.size // hosts
+        grid = np.arange(mesh.size).reshape(mesh.axis_sizes) // per_host
+    else:
+        grid = np.vectorize(lambda d: d.process_index)(mesh.devices)
+    grid = np.moveaxis(grid, mesh.axis_names.index(axis), -1)
+    return max(len(set(row.tolist())) for row in grid.reshape(-1, grid.shape[-1]))
+
+
+def memory_kinds(mesh) -> list[str]:
+    """The memory spaces a target's devices offer (TPU: device, pinned_host, unpinned_host);
+    empty where no device is described here (GPU)."""
+    if isinstance(mesh, jax.sharding.AbstractMesh):
+        return []
+    return sorted(m.kind for m in mesh.devices.flat[0].addressable_memories())
 
 
 def abstract_batch(cfg: Config, system: TextToVideo, mesh) -> dict:
@@ -230,23 +274,25 @@ def plan(cfg: Config, target_name: str, mfu: float = 0.4) -> dict:
                           f"data x fsdp = {batch_shards} devices of {target.name}; use a "
                           "multiple of it")
     _check_context(cfg, sizes, target.name)
-    system, tx, rules = TextToVideo(cfg), make_optimizer(cfg.train), get_rules(cfg.mesh.rules)
+    tx, rules = make_optimizer(cfg.train), get_rules(cfg.mesh.rules, cfg.mesh.rule_overrides)
     if target.platform == "tpu":
         mesh = make_mesh(cfg.mesh, tpu_devices(target))
     else:
         mesh = jax.sharding.AbstractMesh(tuple(sizes.values()), tuple(sizes))
+    system = plan_system(cfg, target, mesh)
     try:
-        state = abstract_state(cfg, system, tx, mesh, rules)
-        per_chip_bytes(state)  # an abstract mesh checks divisibility only here
+        state = abstract_state(system, tx, mesh, rules)
+        state_b = per_chip_bytes(state)  # an abstract mesh checks divisibility only here
     except ValueError as e:  # jax's IndivisibleError: a parameter dim the mesh cannot split
         raise ConfigError(f"mesh: {' '.join(str(e).split())[:300]}; on {target.name} use a "
                           "smaller fsdp/tensor axis (e.g. mesh.fsdp=8 mesh.data=-1)") from None
     batch = abstract_batch(cfg, system, mesh)
-    params_b = per_chip_bytes(state.params) + per_chip_bytes(state.ema_params)
-    opt_b = per_chip_bytes(state.opt_state)
-    other_b = per_chip_bytes((state.step, state.rng, state.stats))
+    split = state_split(state)
     batch_b = per_chip_bytes(batch)
-    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
+    trainable = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
+    lora = cfg.train.lora.enabled
+    n_params = (sum(math.prod(x.shape) for x in jax.tree.leaves(state.stats["base"])) if lora
+                else trainable)
     notes = []
     if target.num_slices != getattr(cfg.mesh, "num_slices", 1):
         notes.append(f"{target.name} has {target.num_slices} slices/nodes but the mesh spans "
@@ -259,20 +305,27 @@ def plan(cfg: Config, target_name: str, mfu: float = 0.4) -> dict:
         "device_kind": target.generation.device_kind, "chips": target.chips,
         "hosts": target.hosts, "slices": target.num_slices, "topology": target.topology,
         "mesh": sizes, "attention": attention, "params": n_params,
+        "trainable_params": trainable,
+        "lora": {"rank": cfg.train.lora.rank, "targets": len(system.targets)} if lora else None,
         "tokens_per_clip": cfg.num_tokens(), "batch_size": cfg.train.batch_size,
-        "dtype": cfg.model.dtype, "remat": cfg.model.remat, "scan_layers": cfg.model.scan_layers,
+        "dtype": cfg.model.dtype, "remat": cfg.model.remat, "remat_keeps": REMAT_KEEPS[
+            cfg.model.remat], "offload": OFFLOAD, "memory_kinds": memory_kinds(mesh),
+        "context_hosts": (hosts_per_group(mesh, "context", target.hosts) if sizes["context"] > 1
+                          else None),
+        "scan_layers": cfg.model.scan_layers,
         "microbatches": getattr(cfg.train, "microbatches", 1),
-        "param_bytes": params_b, "opt_bytes": opt_b, "other_state_bytes": other_b,
+        **split, "state_bytes": state_b,
         "batch_bytes": batch_b, "hbm_bytes": target.generation.hbm_bytes,
         "usable_fraction": USABLE_HBM,
     }
     if target.platform == "tpu":
         result.update(_compile_tpu(cfg, system, tx, mesh, rules, state, batch))
     else:
-        temp = estimate_temporaries(cfg, sizes, params_b // 2)
+        extra = lora_kept_widths(system.targets, cfg.train.lora.rank, cfg.model) if lora else 0.0
+        temp = estimate_temporaries(cfg, sizes, split["param_bytes"] // 2, extra)
         result.update(source="analytic estimate (no GPU compiler on this host)",
                       temp_bytes=temp, xla_flops=None, args_agree=None, compiled_args=None,
-                      peak_bytes=params_b + opt_b + other_b + batch_b + temp)
+                      peak_bytes=state_b + batch_b + temp)
     flops = train_flops_per_step(cfg)
     peak_flops = target.generation.peak_flops
     result.update(
@@ -327,6 +380,8 @@ def _compile_tpu(cfg: Config, system, tx, mesh, rules, state, batch) -> dict:
         "compiled_args": mem.argument_size_in_bytes, "compiled_outputs": mem.output_size_in_bytes,
         "compiled_alias": mem.alias_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes,
         "code_bytes": mem.generated_code_size_in_bytes, "peak_bytes": float(peak),
+        # values a remat policy offloads to host memory (pinned_host) live there, not in HBM
+        "host_temp_bytes": getattr(mem, "host_temp_size_in_bytes", 0) or 0,
         "xla_peak_bytes": float(getattr(mem, "peak_memory_in_bytes", 0) or 0),
         "tiled_args": tiled, "args_agree": abs(mem.argument_size_in_bytes - tiled) <= 0.001 * tiled,
         "xla_flops": float(cost.get("flops", float("nan"))) * mesh.size,

@@ -9,7 +9,13 @@ import sys
 
 
 def _gib(b: float | None) -> str:
-    return "-" if b is None or (isinstance(b, float) and math.isnan(b)) else f"{b / 2**30:.2f} GiB"
+    """Bytes in GiB; below 1 GiB in MiB, below 1 MiB in KiB (a small model's split reads)."""
+    if b is None or (isinstance(b, float) and math.isnan(b)):
+        return "-"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if b == 0 or abs(b) >= scale:
+            return f"{b / scale:.2f} {unit}"
+    return f"{b / 2**10:.2f} KiB"
 
 
 def format_plan(r: dict) -> str:
@@ -17,27 +23,51 @@ def format_plan(r: dict) -> str:
     hbm, usable = r["hbm_bytes"], r["usable_fraction"] * r["hbm_bytes"]
     mesh = " x ".join(f"{k} {v}" for k, v in r["mesh"].items())
     estimate = r["platform"] == "gpu"
+    lora = r.get("lora")
+    trained = "adapters + EMA (f32)  " if lora else "params + EMA (f32)    "
+    model = (f"model         {r['params'] / 1e9:.3f} B params"
+             + (f" (frozen), LoRA rank {lora['rank']} on {lora['targets']} target kernels: "
+                f"{r['trainable_params'] / 1e6:.1f} M trained" if lora else "")
+             + f", {r['tokens_per_clip']} tokens/clip, batch {r['batch_size']}, {r['dtype']}, "
+             f"attention {r['attention']}")
+    offload = (f"{_gib(r['host_temp_bytes'])} of temporaries in pinned_host"
+               if r.get("host_temp_bytes") else r["offload"])
+    remat = f"remat         {r['remat']}: {r['remat_keeps']}; host offload: {offload}"
+    if r.get("memory_kinds"):
+        remat += f"; the target's memory spaces: {', '.join(r['memory_kinds'])}"
+    context = ""
+    if r.get("context_hosts"):
+        context = (f" (each context group spans {r['context_hosts']} host"
+                   f"{'s' if r['context_hosts'] > 1 else ''})")
     lines = [
         f"target        {r['target']}: {r['chips']} x {r['device_kind']}, {r['hosts']} hosts"
         + (f", {r['slices']} slices" if r["slices"] > 1 else "")
         + (f" (libtpu topology {r['topology']})" if r["topology"] else ""),
-        f"model         {r['params'] / 1e9:.3f} B params, {r['tokens_per_clip']} tokens/clip, "
-        f"batch {r['batch_size']}, {r['dtype']}, remat {r['remat']}, attention {r['attention']}",
-        f"mesh          {mesh}",
+        model,
+        f"mesh          {mesh}{context}",
+        remat,
         f"source        {r['source']}" + (" -- ESTIMATE" if estimate else ""),
         "",
         "per chip                     bytes",
-        f"  params + EMA (f32)    {_gib(r['param_bytes']):>12}",
+        f"  frozen DiT base (bf16){_gib(r['frozen_base_bytes']):>12}"
+        + ("" if lora else "  (none: every DiT weight trains)"),
+        f"  frozen VAE / text enc {_gib(r['frozen_encoder_bytes']):>12}",
+        f"  {trained}{_gib(r['param_bytes']):>12}",
         f"  optimizer state       {_gib(r['opt_bytes']):>12}",
         f"  other state + batch   {_gib(r['other_state_bytes'] + r['batch_bytes']):>12}",
-        f"  temporaries           {_gib(r['temp_bytes']):>12}"
-        + ("  (estimated: activations by remat, gradients, update)" if estimate else ""),
+        f"  = state + batch       {_gib(r['state_bytes'] + r['batch_bytes']):>12}",
+        f"  activations + temps   {_gib(r['temp_bytes']):>12}"
+        + ("  (estimated: activations kept by remat, one layer's working set, gradients, "
+           "update)" if estimate else "  (the compiler's temporaries: activations kept by "
+           "remat, the layer recomputed, gradients, update)"),
         f"  peak                  {_gib(r['peak_bytes']):>12}",
+        *([f"  host memory (offload) {_gib(r['host_temp_bytes']):>12}  (temporaries the "
+           "compiler placed in pinned_host, outside HBM)"] if r.get("host_temp_bytes") else []),
         f"  HBM per chip          {_gib(hbm):>12}  (usable {100 * r['usable_fraction']:.0f}"
         f" %: {_gib(usable)})",
     ]
     if r.get("compiled_args") is not None:
-        counted = r["param_bytes"] + r["opt_bytes"] + r["other_state_bytes"] + r["batch_bytes"]
+        counted = r["state_bytes"] + r["batch_bytes"]
         agree = "AGREE" if r["args_agree"] else "DISAGREE"
         lines.append(f"  check: state + batch from the sharded shapes {counted:,} B, in the "
                      f"compiled TPU tile layouts {r['tiled_args']:,} B; memory_analysis() "
@@ -50,7 +80,9 @@ def format_plan(r: dict) -> str:
         f"FLOPs/step    {r['flops_per_step'] / 1e15:.2f} PFLOP (exact model count, "
         f"vdit/scaling/flops.py)"
         + ("" if xla is None else f"; XLA cost_analysis {xla / 1e15:.2f} PFLOP"
-           + (" (counts a scanned layer stack once)" if r["scan_layers"] else "")),
+           + (" (counts a scanned layer stack once)" if r["scan_layers"] else ""))
+        + ("; 3 x forward, of which a LoRA step skips the frozen base's weight gradients"
+           if lora else ""),
         f"peak          {r['peak_flops_per_chip'] / 1e12:.0f} TFLOP/s bf16 dense per chip "
         f"(datasheet)",
         f"step time     {r['step_s']:.3f} s at {100 * r['mfu']:.0f} % MFU "
