@@ -56,7 +56,9 @@ def tiny_config(tmp_path) -> Config:
 # its 2 workers in collection order, and a long file collected last (test_wheel.py) would run
 # alone at the end while the other worker idles.
 LONGEST_FIRST = ("test_parallel.py", "test_wheel.py", "test_scaling.py", "test_context_parallel.py",
-                 "test_real_data.py", "test_autoencoder.py", "test_wan_autoencoder.py")
+                 "test_wan_experts.py", "test_real_data.py", "test_autoencoder.py",
+                 "test_wan_autoencoder.py", "test_fine_tuning.py", "test_wan_run.py",
+                 "test_lora_train.py", "test_validation_samples.py", "test_lora_run.py")
 
 
 def pytest_collection_modifyitems(config, items):
