@@ -14,7 +14,6 @@ The interop proof is a committed fixture (tests/fixtures/lora_export/): such a r
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 from pathlib import Path
@@ -25,6 +24,7 @@ import pytest
 import yaml
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
+from wan_tool import TOOL
 
 from vdit.cli import main
 from vdit.io import wan_lora
@@ -34,14 +34,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = ROOT / "tests" / "fixtures" / "wan_pipeline" / "wan21"
 LORAS = ROOT / "tests" / "fixtures" / "wan_lora"
 RANK, ALPHA = 2, 6.0
-
-
-def _tool():
-    path = ROOT / "tools" / "make_wan_export_sample.py"
-    spec = importlib.util.spec_from_file_location("make_wan_export_sample", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _quiet(argv: list[str]) -> tuple[int, str]:
@@ -57,7 +49,7 @@ def _flat(tree) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    tool = _tool()
+    tool = TOOL
     tmp = tmp_path_factory.mktemp("lora_run")
     d = tool.run_config(tmp / "run", tmp / "shards")
     d["model"]["depth"] = 1  # the pipeline fixture's transformer
@@ -241,7 +233,7 @@ def test_diffusers_loads_the_committed_lora_exports_as_vdit_applies_them(tmp_pat
     merged = lora.fold(base, _fixture_adapters(), cfg.train.lora.scale())
     inputs = {k: vdit[k] for k in ("hidden_states", "timestep", "encoder_hidden_states",
                                    "text_mask")}
-    ours = _tool().vdit_output(cfg, merged, inputs)
+    ours = TOOL.vdit_output(cfg, merged, inputs)
     assert np.abs(ours - vdit["sample"]).max() / scale <= 1e-6
 
 

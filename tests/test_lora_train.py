@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -32,6 +31,7 @@ import yaml
 from conftest import tiny_dict
 from flax import traverse_util
 from state_checks import assert_states_equal, checkpoint_state, flat, perturbed
+from wan_tool import TOOL
 
 from vdit.config import ConfigError, from_dict, to_dict
 from vdit.diffusion.lora_system import LoraTextToVideo
@@ -44,17 +44,9 @@ PIPELINE = ROOT / "tests" / "fixtures" / "wan_pipeline" / "wan21"
 RANK, ALPHA = 2, 8.0  # scale 4: a LoRA that ignored alpha would be 4x off
 
 
-def _tool():
-    path = ROOT / "tools" / "make_wan_export_sample.py"
-    spec = importlib.util.spec_from_file_location("make_wan_export_sample", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _wan_config(tmp: Path, **train):
     """The tiny Wan DiT of tests/test_wan_run.py (width 24, 2 heads, ffn 32)."""
-    d = _tool().run_config(tmp / "run", tmp / "no-shards")
+    d = TOOL.run_config(tmp / "run", tmp / "no-shards")
     d["train"].update(train)
     return from_dict(d)
 

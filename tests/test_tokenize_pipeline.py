@@ -7,7 +7,6 @@ transformer directly, as WanPipeline feeds it."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 from pathlib import Path
 
@@ -16,23 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
+from wan_tool import TOOL
 
 from vdit.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = ROOT / "tests" / "fixtures" / "wan_pipeline" / "wan21"
 TI2V = ROOT / "tests" / "fixtures" / "wan_ti2v"
-
-
-def _tool():
-    path = ROOT / "tools" / "make_wan_export_sample.py"
-    spec = importlib.util.spec_from_file_location("make_wan_export_sample", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-TOOL = _tool()
 
 
 def _config(tmp: Path, shards: Path) -> Path:

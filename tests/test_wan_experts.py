@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import io
 import json
 from pathlib import Path
@@ -23,6 +22,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from state_checks import checkpoint_state, perturbed
+from wan_tool import TOOL
 
 from vdit.config import ConfigError, DiffusionConfig, from_dict
 from vdit.diffusion import experts
@@ -213,17 +213,6 @@ def test_expert_settings_are_checked_by_key():
 
 
 # --- a trained both run: sample and export -------------------------------------------------------
-
-def _tool():
-    path = ROOT / "tools" / "make_wan_export_sample.py"
-    spec = importlib.util.spec_from_file_location("make_wan_export_sample", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-TOOL = _tool()
-
 
 def _run_config(tmp: Path, name: str, shards: Path, **train) -> Path:
     """The tiny wan run on the wan22 fixture's parts and transformer architecture."""

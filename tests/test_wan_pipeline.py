@@ -17,7 +17,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
+from pipeline_cases import bthwc, ncthw, reference_case, trajectory
 
 from vdit.io.hf_folder import CheckpointFormatError
 from vdit.io.wan_pipeline import resolve_pipeline
@@ -27,16 +27,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "wan_pipeline"
 
 
 def _case(name: str):
-    folder = FIXTURES / name
-    ref = load_file(str(folder / "reference.safetensors"))
-    meta = json.loads((folder / "reference.json").read_text())
-    call = meta["call"]
-    settings = wp.PipelineSettings(frames=call["num_frames"], height=call["height"],
-                                   width=call["width"], steps=call["num_inference_steps"],
-                                   guidance=call["guidance_scale"],
-                                   guidance_2=call.get("guidance_scale_2"),
-                                   text_length=call["max_sequence_length"])
-    return folder, ref, meta, settings
+    return reference_case(FIXTURES / name)
 
 
 @pytest.fixture(scope="module")
@@ -46,29 +37,7 @@ def wan21():
     return loaded, ref, meta, settings
 
 
-def _ncthw(x: np.ndarray) -> np.ndarray:  # [B, T, H, W, C] -> diffusers' [B, C, T, H, W]
-    return np.moveaxis(np.asarray(x), -1, 1)
-
-
-def _bthwc(x: np.ndarray) -> jnp.ndarray:
-    return jnp.asarray(np.moveaxis(x, 1, -1))
-
-
-def _trajectory(loaded, ref, meta, settings):
-    from vdit.diffusion.schedulers import schedule_from_config
-
-    spec = loaded.spec
-    schedule = schedule_from_config(spec.scheduler, settings.steps)
-    np.testing.assert_array_equal(schedule.timesteps, np.asarray(meta["timesteps"], np.float32))
-    text = jnp.asarray(wp.embed_prompts(loaded, [meta["prompt"]], "float32"))
-    negative = jnp.asarray(wp.embed_prompts(loaded, [meta["negative_prompt"]], "float32"))
-    boundary = None if meta["boundary_timestep"] is None else float(meta["boundary_timestep"])
-    steps = wp.denoise(
-        [m for m, _ in loaded.experts], loaded.params(), _bthwc(ref["latents_init"]), text,
-        negative, schedule, guidance=settings.guidance,
-        guidance_2=settings.guidance_2 or settings.guidance, boundary=boundary, trajectory=True)
-    return text, negative, _ncthw(np.moveaxis(np.asarray(steps), 0, 0).reshape(
-        -1, *np.asarray(steps).shape[2:]))
+_ncthw, _bthwc, _trajectory = ncthw, bthwc, trajectory
 
 
 def test_prompt_embeddings_match_the_pipeline(wan21):

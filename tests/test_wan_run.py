@@ -14,7 +14,6 @@ The run's helpers (its config, `seed_run`, the fixed inputs) are the fixture too
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -34,6 +33,7 @@ from state_checks import (
     assert_states_equal,
     checkpoint_state,
 )
+from wan_tool import TOOL
 
 from vdit.cli import main
 from vdit.io import wan_transformer as wt
@@ -42,17 +42,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = ROOT / "tests" / "fixtures" / "wan_pipeline" / "wan21"
 EXPORT_FIXTURE = ROOT / "tests" / "fixtures" / "wan_export"
 STEPS, STOP_AT = 4, 2
-
-
-def _tool():
-    path = ROOT / "tools" / "make_wan_export_sample.py"
-    spec = importlib.util.spec_from_file_location("make_wan_export_sample", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-TOOL = _tool()
 
 
 def _config_file(tmp: Path, name: str, shards: Path, **train) -> Path:
