@@ -82,7 +82,8 @@ vbench default 200
 
 echo "== Wan 2.1 1.3B train step at 81 x 480 x 832 (experiments/bench_gpu_wan.yaml), and the own"
 echo "   DiT at the same 32,760 tokens per clip (21 x 240 x 416 physics clips, space_to_depth 1x4x4)"
-CONFIG=experiments/bench_gpu_wan.yaml vbench wan 300
+# full remat: under dots vdit plan estimates 75.2 GiB (docs/fine-tuning.md), over an H100's 73.3 usable
+CONFIG=experiments/bench_gpu_wan.yaml vbench wan 300 model.remat=full
 vbench dit-32k 240 data.world.frames=21 data.world.height=240 data.world.width=416
 
 echo "== gpu tests"
