@@ -87,7 +87,7 @@ def test_rope_tables_match_diffusers():
         np.testing.assert_array_equal(REF[f"{name}/rope_sin"][0, :, 0, 1::2], sin)
 
 
-def test_original_comfyui_naming_loads_the_same_params():
+def test_original_comfyui_naming_loads_the_same_params(tmp_path):
     _, diffusers = wt.load_params(FIXTURES / "a")
     folder = FIXTURES / "wan_original.safetensors"
     naming = json.loads((FIXTURES / "naming.json").read_text())
@@ -96,10 +96,9 @@ def test_original_comfyui_naming_loads_the_same_params():
     renamed = {wt.diffusers_name(naming["prefix"] + orig): d for d, orig in naming["pairs"]}
     assert all(k == v for k, v in renamed.items()), [k for k, v in renamed.items() if k != v]
     # the single file's architecture comes from a config.json beside it
-    tmp = Path(pytest.importorskip("tempfile").mkdtemp())
-    shutil.copy(folder, tmp / "wan_original.safetensors")
-    shutil.copy(FIXTURES / "a" / "config.json", tmp / "config.json")
-    _, original = wt.load_params(tmp / "wan_original.safetensors")
+    shutil.copy(folder, tmp_path / "wan_original.safetensors")
+    shutil.copy(FIXTURES / "a" / "config.json", tmp_path / "config.json")
+    _, original = wt.load_params(tmp_path / "wan_original.safetensors")
     assert jax.tree.all(jax.tree.map(np.array_equal, diffusers, original))
 
 

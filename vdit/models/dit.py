@@ -41,6 +41,29 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
     return x * (1 + scale) + shift
 
 
+def stack_blocks(block: type[nn.Module], cfg: ModelConfig, args: tuple, unrolled: str,
+                 **kwargs) -> jax.Array:
+    """cfg.depth blocks over args = (x [B, N, D], *inputs every block sees) -> x [B, N, D].
+    Remat by cfg.remat; one nn.scan (params and LoRA adapters stacked on a leading "layers"
+    axis) or unrolled blocks named f"{unrolled}{i}". The blocks get the attention settings of
+    cfg plus `kwargs`. Call inside a compact method (shared by the DiT and the Wan DiT)."""
+    if cfg.remat != "none":
+        block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    tiles = tuple(cfg.attention_blocks) if any(cfg.attention_blocks) else None
+    kwargs = dict(heads=cfg.heads, dtype=jnp.dtype(cfg.dtype), impl=cfg.attention, blocks=tiles,
+                  context_parallel=cfg.context_parallel, **kwargs)
+    if cfg.scan_layers:
+        stack = nn.scan(block, variable_axes={"params": 0, "lora": 0},
+                        split_rngs={"params": True, "lora_dropout": True},
+                        in_axes=(nn.broadcast,) * (len(args) - 1), length=cfg.depth,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+        return stack(**kwargs, name="blocks")(*args)[0]
+    x = args[0]
+    for i in range(cfg.depth):
+        x, _ = block(**kwargs, name=f"{unrolled}{i}")(x, *args[1:])
+    return x
+
+
 class DiTBlock(nn.Module):
     """One block; the identity at initialisation (zero gates, zero cross-attention output).
 
@@ -132,25 +155,8 @@ class DiT(nn.Module):
         else:
             rope = jnp.asarray(rope_angles(grid_positions(grid), d // cfg.heads, cfg.rope_theta))
             segments = None
-        block = DiTBlock
-        if cfg.remat != "none":
-            block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat],
-                             prevent_cse=not cfg.scan_layers)
-        blocks = tuple(cfg.attention_blocks) if any(cfg.attention_blocks) else None
-        kwargs = dict(heads=cfg.heads, mlp_hidden=cfg.hidden_dim(), dtype=dtype,
-                      impl=cfg.attention, blocks=blocks, context_parallel=cfg.context_parallel)
-        if cfg.scan_layers:
-            stack = nn.scan(
-                block, variable_axes={"params": 0, "lora": 0},
-                split_rngs={"params": True, "lora_dropout": True},
-                in_axes=(nn.broadcast,) * 5, length=cfg.depth,
-                metadata_params={nn.PARTITION_NAME: "layers"},
-            )
-            x, _ = stack(**kwargs, name="blocks")(x, cond, text, text_mask, rope, segments)
-        else:
-            for i in range(cfg.depth):
-                x, _ = block(**kwargs, name=f"block{i}")(x, cond, text, text_mask, rope,
-                                                         segments)
+        x = stack_blocks(DiTBlock, cfg, (x, cond, text, text_mask, rope, segments), "block",
+                         mlp_hidden=cfg.hidden_dim())
 
         final = Linear((2 * d,), ("embed", "mlp"), dtype=dtype, zero=True, name="final_adaln")(
             nn.silu(cond))

@@ -57,6 +57,19 @@ def _ones(name: str):
     return nn.with_logical_partitioning(nn.initializers.ones_init(), (name,))
 
 
+def attend(q, k, v, *, cross: bool, kv_mask=None, segment_ids=None, impl: str = "auto",
+           blocks: tuple[int, int] | None = None, context_parallel: str | None = None):
+    """q [B, Lq, H, Dh] (constrained to the activation axes), k, v [B, Lk, H, Dh] -> the one
+    attention dispatch, [B, Lq, H, Dh]: Pallas (query, key) tiles from `blocks`; under context
+    parallelism cross-attention splits only the queries (the text is short, K/V stay whole
+    per device). Shared by vdit's DiT and the Wan DiT."""
+    q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", "act_kv"))
+    tiles = None if blocks is None else BlockSizes(*blocks, *blocks, *blocks)
+    split = "queries" if cross and context_parallel is not None else context_parallel
+    return attention(q, k, v, kv_mask=kv_mask, segment_ids=segment_ids, impl=impl,
+                     blocks=tiles, context_parallel=split)
+
+
 class Attention(nn.Module):
     """Multi-head attention with RMS-normalised queries and keys.
 
@@ -91,15 +104,10 @@ class Attention(nn.Module):
         k = nn.RMSNorm(dtype=self.dtype, name="k_norm", scale_init=_ones("kv"))(k)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", "act_kv"))
         # segment_ids (packed clips): [B, N], or ([B, N], [B, S]) for cross-attention.
-        tiles = None if self.blocks is None else BlockSizes(*self.blocks, *self.blocks,
-                                                            *self.blocks)
-        split = self.context_parallel
-        if context is not None and split is not None:
-            split = "queries"  # cross-attention: the text is short, K/V stay whole per device
-        out = attention(q, k, v, kv_mask=kv_mask, segment_ids=segment_ids, impl=self.impl,
-                        blocks=tiles, context_parallel=split)
+        out = attend(q, k, v, cross=context is not None, kv_mask=kv_mask,
+                     segment_ids=segment_ids, impl=self.impl, blocks=self.blocks,
+                     context_parallel=self.context_parallel)
         return Linear((d,), ("heads", "kv", "embed"), in_dims=2, dtype=self.dtype,
                       zero=self.zero_out, name="out")(out)
 

@@ -24,12 +24,10 @@ import jax
 import jax.numpy as jnp
 
 from vdit.config import ModelConfig, TextConfig
-from vdit.models.dit import REMAT_POLICIES, timestep_embedding
-from vdit.models.layers import Dtype, Linear
+from vdit.models.dit import stack_blocks, timestep_embedding
+from vdit.models.layers import Dtype, Linear, attend
 from vdit.models.patch import grid_positions, patchify, token_grid, unpatchify
 from vdit.models.rope import apply_rope, rope_angles, rope_tables, wan_split
-from vdit.ops.attention import attention
-from vdit.ops.pallas.common import BlockSizes
 
 EPS = 1e-6  # every norm of the published models (config.json "eps")
 
@@ -78,14 +76,9 @@ class WanAttention(nn.Module):
         v = Linear(**proj, name="to_v")(src)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", "act_kv"))
-        tiles = None if self.blocks is None else BlockSizes(*self.blocks, *self.blocks,
-                                                            *self.blocks)
-        split = self.context_parallel
-        if context is not None and split is not None:
-            split = "queries"  # the text is short: K/V stay whole per device
-        out = attention(q, k, v, kv_mask=kv_mask, segment_ids=segment_ids, impl=self.impl,
-                        blocks=tiles, context_parallel=split)
+        out = attend(q, k, v, cross=context is not None, kv_mask=kv_mask,
+                     segment_ids=segment_ids, impl=self.impl, blocks=self.blocks,
+                     context_parallel=self.context_parallel)
         return Linear((d,), ("heads", "kv", "embed"), in_dims=2, dtype=self.dtype,
                       name="to_out")(out)
 
@@ -203,24 +196,8 @@ class WanDiT(nn.Module):
             rope = tuple(jnp.asarray(r) for r in rope_tables(grid_positions(grid), hd,
                                                              cfg.rope_theta, split))
             segments = None
-        block = WanBlock
-        if cfg.remat != "none":
-            block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat],
-                             prevent_cse=not cfg.scan_layers)
-        blocks = tuple(cfg.attention_blocks) if any(cfg.attention_blocks) else None
-        kwargs = dict(heads=cfg.heads, ffn_dim=cfg.hidden_dim(),
-                      cross_attn_norm=cfg.cross_attn_norm, dtype=dtype, impl=cfg.attention,
-                      blocks=blocks, context_parallel=cfg.context_parallel)
-        args = (x, time_proj, text, mask, rope, segments)
-        if cfg.scan_layers:
-            stack = nn.scan(block, variable_axes={"params": 0, "lora": 0},
-                            split_rngs={"params": True, "lora_dropout": True},
-                            in_axes=(nn.broadcast,) * 5, length=cfg.depth,
-                            metadata_params={nn.PARTITION_NAME: "layers"})
-            x, _ = stack(**kwargs, name="blocks")(*args)
-        else:
-            for i in range(cfg.depth):
-                x, _ = block(**kwargs, name=f"blocks_{i}")(x, *args[1:])
+        x = stack_blocks(WanBlock, cfg, (x, time_proj, text, mask, rope, segments), "blocks_",
+                         ffn_dim=cfg.hidden_dim(), cross_attn_norm=cfg.cross_attn_norm)
 
         temb_rows = temb[:, None] if temb.ndim == 2 else temb[:, :, None]  # [B, (N,) 1, D]
         shift, scale = _split_modulation(_table(self, "scale_shift_table", 2, d), temb_rows, 2)
