@@ -102,10 +102,8 @@ def load_pipeline(spec: PipelineSpec, settings: PipelineSettings) -> LoadedPipel
 
     encoder = CaptionEncoder(str(spec.text_encoder), settings.text_length, "float32")
     z = spec.transformer.in_channels
-    ae_cfg = AutoencoderConfig(kind="wan", checkpoint=str(spec.vae),
-                               factors=(int(spec.vae_config.get("scale_factor_temporal", 4)),
-                                        *(int(spec.vae_config.get("scale_factor_spatial", 8)),)
-                                        * 2), latent_channels=z)
+    ae_cfg = AutoencoderConfig(kind="wan", checkpoint=str(spec.vae), factors=spec.vae_factors,
+                               latent_channels=z)
     vae, vae_params, stats = load_wan(ae_cfg)
     experts = []
     for folder, loras in zip(spec.expert_folders(), (settings.loras, settings.loras_2),
@@ -140,9 +138,9 @@ def apply_loras(params: dict, spec, loras: tuple[tuple[str, float], ...]) -> dic
 
 
 def latent_shape(spec: PipelineSpec, s: PipelineSettings) -> tuple[int, int, int, int]:
-    ft = int(spec.vae_config.get("scale_factor_temporal", 4))
-    fs = int(spec.vae_config.get("scale_factor_spatial", 8))
-    return (1 + (s.frames - 1) // ft, s.height // fs, s.width // fs, spec.transformer.in_channels)
+    """(T', H', W', z) of a video of the settings' size."""
+    ft, fh, fw = spec.vae_factors
+    return (1 + (s.frames - 1) // ft, s.height // fh, s.width // fw, spec.transformer.in_channels)
 
 
 def embed_prompts(loaded: LoadedPipeline, prompts: list[str], dtype: str) -> np.ndarray:
